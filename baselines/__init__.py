@@ -1,0 +1,1 @@
+"""Baseline methods: FedAvg, HeteroFL, FedRolex, PruneFL."""

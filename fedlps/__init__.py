@@ -1,0 +1,1 @@
+"""FedLPS: learnable personalised sparsification with the P-UCBV bandit."""

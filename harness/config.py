@@ -1,0 +1,348 @@
+"""Experiment configuration: YAML validated by pydantic, dotted command-line overrides, grids.
+
+A config file holds one experiment; it may also hold a `grid` (axes of dotted keys, each with a list of
+values) and `tune` settings, which turn it into a sweep. Every mistake becomes a `ConfigError` naming
+the offending field or file; the CLI prints it as one line and exits with status 2.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from harness.errors import ConfigError
+
+DATASETS = ("mnist-5k", "mnist", "fashion-mnist", "cifar10", "cifar100")
+MODELS = ("auto", "cnn", "vgg11", "vgg13", "resnet18")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SplitConfig(Strict):
+    kind: Literal["shards", "dirichlet", "iid"] = "shards"
+    shards_per_client: int = Field(2, gt=0)
+    shard_size: int = Field(20, gt=0)
+    alpha: float = Field(0.5, gt=0)
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+
+
+class DataConfig(Strict):
+    dataset: str = "mnist-5k"
+    root: str = "~/.cache/fedbench/data"
+    download: bool = False
+    split: SplitConfig = SplitConfig()
+
+    @field_validator("dataset")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v in DATASETS or v.startswith("npz:"):
+            return v
+        raise ValueError(f"unknown dataset {v!r}; expected one of {', '.join(DATASETS)} or npz:<path>")
+
+
+class ClientsConfig(Strict):
+    total: int = Field(100, gt=0)
+    per_round: int = Field(10, gt=0)
+
+    @model_validator(mode="after")
+    def _fits(self):
+        if self.per_round > self.total:
+            raise ValueError(f"per_round ({self.per_round}) exceeds total ({self.total})")
+        return self
+
+
+class ModelConfig(Strict):
+    name: Literal[MODELS] = "auto"  # type: ignore[valid-type]
+    norm: Literal["bn", "sbn", "batch"] = "bn"
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(1, gt=0)
+    batch_size: int = Field(10, gt=0)
+    lr: float = Field(0.1, gt=0)
+    lr_decay: float = Field(0.998, gt=0, le=1)
+    weight_decay: float = Field(1.2e-6, ge=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    clip_grad_norm: float | None = Field(None, gt=0)
+
+
+class Tier(Strict):
+    name: str
+    cap: float = Field(gt=0, le=1)
+    compute_mflops: float = Field(gt=0)
+    proportion: float = Field(1.0, ge=0)
+
+
+PAPER_TIERS = [
+    Tier(name="e", cap=1 / 16, compute_mflops=46528),
+    Tier(name="d", cap=1 / 8, compute_mflops=93056),
+    Tier(name="c", cap=1 / 4, compute_mflops=186112),
+    Tier(name="b", cap=1 / 2, compute_mflops=372224),
+    Tier(name="a", cap=1.0, compute_mflops=744448),
+]
+
+
+class DevicesConfig(Strict):
+    tiers: list[Tier] = Field(default_factory=lambda: [t.model_copy() for t in PAPER_TIERS], min_length=1)
+    down_mb_s: float = Field(110.6, gt=0, description="download bandwidth, megabytes per second")
+    up_mb_s: float = Field(14.0, gt=0, description="upload bandwidth, megabytes per second")
+    assignment: Literal["dynamic", "fixed"] = "dynamic"
+    trace: str | None = Field(None, description="CSV with client_id[,round],tier overriding the drawn tiers")
+
+    @model_validator(mode="after")
+    def _tiers(self):
+        names = [t.name for t in self.tiers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tier names must be unique, got {names}")
+        if sum(t.proportion for t in self.tiers) <= 0:
+            raise ValueError("tier proportions must not all be zero")
+        return self
+
+
+class EngineConfig(Strict):
+    backend: Literal["serial", "ray"] = "serial"
+    executors: int | Literal["auto"] = "auto"
+    cpus_per_executor: float = Field(1.0, gt=0)
+    gpus_per_executor: float = Field(0.0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    state_store: Literal["memory", "disk"] = "memory"
+    include_dashboard: bool = False
+
+    @field_validator("executors")
+    @classmethod
+    def _positive(cls, v):
+        if isinstance(v, int) and v <= 0:
+            raise ValueError("must be a positive integer or 'auto'")
+        return v
+
+
+class MethodConfig(BaseModel):
+    """`name` picks the strategy; every other key is one of that strategy's parameters."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = "fedavg"
+
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class ExperimentConfig(Strict):
+    name: str = "experiment"
+    seed: int = Field(1, ge=0)
+    rounds: int = Field(20, gt=0)
+    eval_every: int = Field(1, gt=0)
+    data: DataConfig = DataConfig()
+    clients: ClientsConfig = ClientsConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    devices: DevicesConfig = DevicesConfig()
+    method: MethodConfig = MethodConfig()
+    engine: EngineConfig = EngineConfig()
+    out: str = "results/runs"
+
+    @field_validator("name")
+    @classmethod
+    def _slug(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", v):
+            raise ValueError("use letters, digits, '.', '_' and '-' only")
+        return v
+
+
+class TuneConfig(Strict):
+    max_concurrent_trials: int = Field(1, gt=0)
+    driver_cpus: float = Field(1.0, ge=0)
+
+
+class SweepFile(Strict):
+    """A config file: the base experiment plus optional grid and Tune settings."""
+
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    tune: TuneConfig = TuneConfig()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(str(path), f"cannot read file ({e.strerror or e})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(str(path), f"not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), "the top level must be a mapping of keys to values")
+    return data
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=value` -> ("a.b", value), the value parsed as YAML (numbers, booleans, lists)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
+        raise ConfigError("--set", f"expected KEY=VALUE with a dotted key, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(key, f"{part!r} is not a section, cannot set {key}")
+        node = child
+    node[parts[-1]] = value
+
+
+def _raise_validation(err: ValidationError, prefix: str = "") -> None:
+    errors = err.errors()
+    first = errors[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    field = ".".join(x for x in (prefix, loc) if x) or prefix or "config"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    msg = msg.removeprefix("Value error, ")
+    more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+    raise ConfigError(field, msg + more) from None
+
+
+def validate_experiment(raw: dict[str, Any]) -> ExperimentConfig:
+    """Validate a plain experiment mapping, including the chosen method's own parameters."""
+    from harness.strategy import method_params_model  # methods are plugins; import late
+
+    try:
+        cfg = ExperimentConfig.model_validate(raw)
+    except ValidationError as e:
+        _raise_validation(e)
+    params_model = method_params_model(cfg.method.name)
+    try:
+        params_model.model_validate(cfg.method.params())
+    except ValidationError as e:
+        _raise_validation(e, prefix="method")
+    return cfg
+
+
+def method_params(cfg: ExperimentConfig):
+    from harness.strategy import method_params_model
+
+    return method_params_model(cfg.method.name).model_validate(cfg.method.params())
+
+
+def split_sweep(raw: dict[str, Any]) -> tuple[dict[str, Any], SweepFile]:
+    base = {k: v for k, v in raw.items() if k not in ("grid", "tune")}
+    try:
+        sweep = SweepFile.model_validate({k: raw[k] for k in ("grid", "tune") if k in raw})
+    except ValidationError as e:
+        _raise_validation(e)
+    for axis, values in sweep.grid.items():
+        if not values:
+            raise ConfigError(f"grid.{axis}", "an axis needs at least one value")
+    return base, sweep
+
+
+def _apply_override_to_grid(grid: dict[str, list[Any]], key: str, value: Any) -> bool:
+    """A --set on a grid axis replaces the axis; on a key inside dict-valued axis entries
+    (e.g. `method.name` for an axis `method` of method dicts) it keeps the entries that match.
+    Returns True when the override was consumed by the grid."""
+    if key in grid:
+        grid[key] = [value]
+        return True
+    for axis in list(grid):
+        if key.startswith(axis + "."):
+            sub = key[len(axis) + 1:]
+            matching = []
+            for entry in grid[axis]:
+                if isinstance(entry, dict):
+                    entry = copy.deepcopy(entry)
+                    node, parts = entry, sub.split(".")
+                    for part in parts[:-1]:
+                        node = node.get(part) if isinstance(node, dict) else None
+                    if isinstance(node, dict) and node.get(parts[-1]) == value:
+                        matching.append(entry)
+            if matching:
+                grid[axis] = matching
+            else:
+                del grid[axis]
+                return False
+            return True
+    return False
+
+
+def axis_label(value: Any) -> str:
+    if isinstance(value, dict):
+        head = [str(value["name"])] if "name" in value else []
+        rest = [f"{k}-{axis_label(v)}" for k, v in sorted(value.items()) if k != "name"]
+        return "-".join(head + rest)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return re.sub(r"[^A-Za-z0-9.-]+", "-", str(value)).strip("-")
+
+
+def expand(raw: dict[str, Any], overrides: list[tuple[str, Any]] = ()) -> tuple[list[ExperimentConfig], SweepFile]:
+    """Expand a config mapping and its overrides into validated experiments (one per grid point)."""
+    base, sweep = split_sweep(raw)
+    base = copy.deepcopy(base)
+    grid = copy.deepcopy(sweep.grid)
+    for key, value in overrides:
+        if not _apply_override_to_grid(grid, key, value):
+            set_dotted(base, key, value)
+    axes = list(grid)
+    experiments: list[ExperimentConfig] = []
+    names: set[str] = set()
+    for point in itertools.product(*(grid[a] for a in axes)):
+        tree = copy.deepcopy(base)
+        for axis, value in zip(axes, point):
+            if isinstance(value, dict) and isinstance(_get(tree, axis), dict):
+                merged = {} if "name" in value else copy.deepcopy(_get(tree, axis))
+                merged.update(copy.deepcopy(value))
+                value = merged
+            set_dotted(tree, axis, copy.deepcopy(value))
+        varying = [axis_label(v) for a, v in zip(axes, point) if len(grid[a]) > 1]
+        base_name = tree.get("name", "experiment")
+        name = "_".join([str(base_name), *varying]) if varying else str(base_name)
+        while name in names:
+            name += "+"
+        names.add(name)
+        tree["name"] = name
+        experiments.append(validate_experiment(tree))
+    return experiments, sweep.model_copy(update={"grid": grid})
+
+
+def _get(tree: dict[str, Any], key: str) -> Any:
+    node: Any = tree
+    for part in key.split("."):
+        if not isinstance(node, dict):
+            return None
+        node = node.get(part)
+    return node
+
+
+def load(path: str | Path, overrides: list[str] = (), out: str | None = None):
+    raw = read_yaml(path)
+    parsed = [parse_override(o) for o in overrides]
+    if out is not None:
+        parsed.append(("out", out))
+    return expand(raw, parsed)

@@ -1,0 +1,122 @@
+"""Measured FLOPs, device tiers and the simulated clock.
+
+Device heterogeneity is simulated, not slept: a client's round takes download bytes / bandwidth +
+training FLOPs / its tier's compute + upload bytes / bandwidth, with FLOPs measured by
+torch.utils.flop_counter on the (sub)model the client really trained.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from harness.config import DevicesConfig, Tier
+from harness.errors import ConfigError
+from harness.models import build_model
+from harness.seeding import rng
+
+
+class FlopMeter:
+    """Forward FLOPs per sample of a model at given widths, measured once per shape on the meta
+    device (no memory, no compute) and cached."""
+
+    def __init__(self, model_name: str, num_classes: int, image_shape):
+        self.model_name = model_name
+        self.num_classes = num_classes
+        self.image_shape = tuple(image_shape)
+
+    @functools.lru_cache(maxsize=4096)
+    def _measure(self, widths: tuple[tuple[str, int], ...]) -> dict[str, int]:
+        with torch.device("meta"):
+            model = build_model(self.model_name, self.num_classes, self.image_shape, dict(widths))
+            x = torch.empty(1, *self.image_shape)
+        with FlopCounterMode(display=False) as counter:
+            model(x)
+        root = type(model).__name__
+        per_module = {}
+        for key, ops in counter.get_flop_counts().items():
+            if key.startswith(root + "."):
+                per_module[key[len(root) + 1:]] = int(sum(ops.values()))
+        per_module[""] = int(counter.get_total_flops())
+        return per_module
+
+    def forward(self, widths: dict[str, int] | None = None) -> int:
+        """Forward FLOPs of one sample."""
+        return self._measure(tuple(sorted((widths or {}).items())))[""]
+
+    def per_weight(self, widths: dict[str, int] | None = None) -> dict[str, int]:
+        """Forward FLOPs of one sample per layer, keyed by the layer's weight name."""
+        counts = self._measure(tuple(sorted((widths or {}).items())))
+        return {f"{m}.weight": f for m, f in counts.items() if m}
+
+
+def training_flops(forward_flops_per_sample: float, samples_processed: int) -> float:
+    """Forward + backward (twice the forward) over every sample processed."""
+    return 3.0 * forward_flops_per_sample * samples_processed
+
+
+@dataclass(frozen=True)
+class ClientTime:
+    down_s: float
+    compute_s: float
+    up_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.down_s + self.compute_s + self.up_s
+
+
+def client_time(tier: Tier, devices: DevicesConfig, flops: float, bytes_down: float,
+                bytes_up: float) -> ClientTime:
+    return ClientTime(down_s=bytes_down / (devices.down_mb_s * 1e6),
+                      compute_s=flops / (tier.compute_mflops * 1e6),
+                      up_s=bytes_up / (devices.up_mb_s * 1e6))
+
+
+class DeviceAssigner:
+    """Which tier each client has in a round: drawn from the tier proportions once (`fixed`) or every
+    round (`dynamic`), seeded; a trace file (CSV: client_id, tier and optionally round) overrides."""
+
+    def __init__(self, devices: DevicesConfig, num_clients: int, seed: int):
+        self.tiers = devices.tiers
+        self.assignment = devices.assignment
+        self.num_clients = num_clients
+        self.seed = seed
+        p = np.array([t.proportion for t in self.tiers], dtype=float)
+        self.probabilities = p / p.sum()
+        self.fixed = self._draw(rng(seed, "tiers"))
+        self.trace = self._read_trace(devices.trace) if devices.trace else None
+
+    def _draw(self, gen: np.random.Generator) -> np.ndarray:
+        return gen.choice(len(self.tiers), size=self.num_clients, p=self.probabilities)
+
+    def _read_trace(self, path: str) -> dict[tuple[int, int | None], int]:
+        import pandas as pd
+
+        try:
+            df = pd.read_csv(Path(path).expanduser())
+        except (OSError, ValueError) as e:
+            raise ConfigError("devices.trace", f"cannot read {path}: {e}") from None
+        missing = {"client_id", "tier"} - set(df.columns)
+        if missing:
+            raise ConfigError("devices.trace", f"{path} lacks column(s) {', '.join(sorted(missing))}")
+        names = {t.name: i for i, t in enumerate(self.tiers)}
+        unknown = set(df["tier"].astype(str)) - set(names)
+        if unknown:
+            raise ConfigError("devices.trace", f"{path} names unknown tier(s) {', '.join(sorted(unknown))}")
+        has_round = "round" in df.columns
+        return {(int(r.client_id), int(r.round) if has_round else None): names[str(r.tier)]
+                for r in df.itertuples()}
+
+    def tiers_for_round(self, rnd: int) -> np.ndarray:
+        tiers = self.fixed if self.assignment == "fixed" else self._draw(rng(self.seed, "tiers", rnd))
+        if self.trace:
+            tiers = tiers.copy()
+            for (cid, r), t in self.trace.items():
+                if (r is None or r == rnd) and 0 <= cid < self.num_clients:
+                    tiers[cid] = t
+        return tiers

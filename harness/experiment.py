@@ -1,0 +1,162 @@
+"""The round loop: sample -> configure -> execute client tasks -> aggregate -> evaluate -> record."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from harness.config import ExperimentConfig, axis_label
+from harness.cost import client_time
+from harness.engine import make_engine
+from harness.results import CLIENT_EXTRAS, CLIENTS, ROUNDS, SUMMARY, write_table, write_yaml
+from harness.seeding import rng
+from harness.state import DiskStore, MemoryStore
+from harness.strategy import ClientResult, ClientSlot, ClientTask
+from harness.workbench import Workbench
+
+log = logging.getLogger(__name__)
+
+
+def setting_label(cfg: ExperimentConfig) -> str:
+    """Names what is being compared on: everything but the method, the seed and where it runs."""
+    core = cfg.model_dump(exclude={"name", "method", "seed", "engine", "out"})
+    digest = hashlib.sha1(json.dumps(core, sort_keys=True, default=str).encode()).hexdigest()[:6]
+    s = cfg.data.split
+    split = {"shards": f"shards{s.shards_per_client}x{s.shard_size}", "dirichlet": f"dir{s.alpha:g}",
+             "iid": "iid"}[s.kind]
+    return f"{cfg.data.dataset}_{split}_{cfg.clients.total}c{cfg.clients.per_round}_{digest}"
+
+
+class Experiment:
+    def __init__(self, cfg: ExperimentConfig, *, engine=None, progress: bool = False,
+                 on_round: Callable[[dict[str, Any]], None] | None = None):
+        self.cfg = cfg
+        self.out_dir = Path(cfg.out).expanduser() / cfg.name
+        self.engine = engine
+        self.progress = progress
+        self.on_round = on_round
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        bench = Workbench(cfg)
+        strategy = bench.strategy
+        strategy.setup()
+        store = DiskStore(self.out_dir / "client_state.sqlite") if cfg.engine.state_store == "disk" else MemoryStore()
+        owns_engine = self.engine is None
+        engine = self.engine or make_engine(cfg.engine)
+        identity = dict(experiment=cfg.name, setting=setting_label(cfg), method=cfg.method.name,
+                        method_label=axis_label(cfg.method.model_dump()), dataset=cfg.data.dataset,
+                        model=bench.model_name, seed=cfg.seed)
+        write_yaml(self.out_dir / "config.yaml", cfg.model_dump(mode="json"))
+        rounds, clients = [], []
+        totals = dict(sim=0.0, flops=0.0, up=0, down=0, wall=0.0)
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=cfg.rounds, desc=cfg.name, unit="round", leave=True, dynamic_ncols=True)
+        last_flush = time.monotonic()
+        try:
+            engine.start(bench)
+            for rnd in range(cfg.rounds):
+                started = time.perf_counter()
+                sampled = np.sort(rng(cfg.seed, "sample", rnd).choice(cfg.clients.total, cfg.clients.per_round,
+                                                                      replace=False))
+                tier_of = bench.devices.tiers_for_round(rnd)
+                slots = [ClientSlot(int(c), cfg.devices.tiers[tier_of[c]], bench.clients[c].num_samples)
+                         for c in sampled]
+                broadcast, instructions = strategy.configure(rnd, slots)
+                tasks = [ClientTask(s.client_id, rnd, s.tier, ins, store.get(s.client_id))
+                         for s, ins in zip(slots, instructions)]
+                results = engine.run(broadcast, tasks)
+                ok = [r for r in results if r.ok]
+                for slot, r in zip(slots, results):
+                    if r.ok:
+                        t = client_time(slot.tier, cfg.devices, r.flops, r.bytes_down, r.bytes_up)
+                        r.sim_down_s, r.sim_compute_s, r.sim_up_s = t.down_s, t.compute_s, t.up_s
+                        if r.state is not None:
+                            store.put(r.client_id, r.state)
+                    else:
+                        log.warning("client %d failed in round %d: %s", r.client_id, rnd, r.error)
+                extras = strategy.aggregate(rnd, ok) if ok else {}
+                round_flops = sum(r.flops for r in ok)
+                up, down = sum(r.bytes_up for r in ok), sum(r.bytes_down for r in ok)
+                sim_round = max((r.sim_s for r in ok), default=0.0)
+                totals["sim"] += sim_round
+                totals["flops"] += round_flops
+                totals["up"] += up
+                totals["down"] += down
+                clients.extend(self._client_row(identity, slot, r) for slot, r in zip(slots, results))
+                evaluated = (rnd + 1) % cfg.eval_every == 0 or rnd == cfg.rounds - 1
+                row = None
+                if evaluated:
+                    ev = strategy.evaluate(rnd)
+                wall = time.perf_counter() - started
+                totals["wall"] += wall
+                if evaluated:
+                    weights = np.array([r.num_samples for r in ok], dtype=float)
+                    row = dict(
+                        identity, round=rnd,
+                        acc_clients_mean=float(np.nanmean(ev.client_acc)), acc_clients_std=float(np.nanstd(ev.client_acc)),
+                        acc_global=ev.acc_global,
+                        train_loss=_weighted([r.train_loss for r in ok], weights),
+                        train_acc=_weighted([r.train_acc for r in ok], weights),
+                        clients_ok=len(ok), clients_failed=len(results) - len(ok),
+                        keep_ratio_mean=float(np.mean([r.keep_ratio for r in ok])) if ok else None,
+                        density=extras.get("density"),
+                        sim_round_s=sim_round, sim_total_s=totals["sim"], flops=round_flops,
+                        flops_total=totals["flops"], bytes_up=up, bytes_down=down, bytes_up_total=totals["up"],
+                        bytes_down_total=totals["down"], wall_s=wall, wall_total_s=totals["wall"])
+                    rounds.append(row)
+                    if self.on_round is not None:
+                        self.on_round(row)
+                if bar is not None:
+                    if row is not None:
+                        bar.set_postfix_str(f"acc={row['acc_clients_mean']:.3f} sim={totals['sim']:.1f}s")
+                    bar.update(1)
+                if time.monotonic() - last_flush > 10:
+                    self._flush(rounds, clients)
+                    last_flush = time.monotonic()
+        finally:
+            if bar is not None:
+                bar.close()
+            if owns_engine:
+                engine.close()
+        self._flush(rounds, clients)
+        summary = dict(identity, rounds=cfg.rounds, status="completed",
+                       final_acc=rounds[-1]["acc_clients_mean"], best_acc=max(r["acc_clients_mean"] for r in rounds),
+                       final_acc_global=rounds[-1]["acc_global"], sim_total_s=totals["sim"],
+                       flops_total=totals["flops"], bytes_up_total=totals["up"], bytes_down_total=totals["down"],
+                       wall_total_s=totals["wall"])
+        write_table(self.out_dir / "summary.parquet", [summary], SUMMARY)
+        return summary
+
+    def _flush(self, rounds, clients):
+        write_table(self.out_dir / "rounds.parquet", rounds, ROUNDS)
+        write_table(self.out_dir / "clients.parquet", clients, CLIENTS)
+
+    @staticmethod
+    def _client_row(identity, slot: ClientSlot, r: ClientResult) -> dict[str, Any]:
+        unknown = set(r.metrics) - CLIENT_EXTRAS
+        if unknown:
+            raise ValueError(f"result metrics {sorted(unknown)} have no column in clients.parquet")
+        ok = r.ok
+        return dict(identity, round=r.round, client_id=r.client_id, tier=slot.tier.name, cap=slot.tier.cap,
+                    keep_ratio=r.keep_ratio if ok else None, num_samples=slot.num_samples,
+                    flops=r.flops if ok else None, bytes_up=r.bytes_up if ok else None,
+                    bytes_down=r.bytes_down if ok else None, sim_s=r.sim_s if ok else None,
+                    sim_down_s=r.sim_down_s if ok else None, sim_compute_s=r.sim_compute_s if ok else None,
+                    sim_up_s=r.sim_up_s if ok else None, train_acc=r.train_acc if ok else None,
+                    train_loss=r.train_loss if ok else None, status=r.status, error=r.error, **r.metrics)
+
+
+def _weighted(values, weights) -> float | None:
+    if not len(values) or weights.sum() <= 0:
+        return None
+    v = np.asarray(values, dtype=float)
+    return float((v * weights).sum() / weights.sum()) if not np.isnan(v).any() else math.nan

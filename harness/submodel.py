@@ -1,0 +1,140 @@
+"""Submodels, aggregation and masks by unit index sets: written once, used by every method.
+
+An *index set* per unit group (harness/models.py) names the units a client keeps; a group that is
+absent keeps all its units. From the model's layout this gives, for every tensor, the coordinates a
+client holds: `extract` cuts them out (to build a physically smaller model), `aggregate` puts many
+clients' tensors back into the global model as a weighted mean over the clients holding each
+coordinate, and `coordinate_masks` turns unit masks into masks over tensor coordinates.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from harness.models import CLASSES, Dim
+
+State = dict[str, torch.Tensor]
+IndexSets = dict[str, torch.Tensor]
+
+
+def prefix_index_sets(full_widths: dict[str, int], widths: dict[str, int]) -> IndexSets:
+    """The first `widths[g]` units of every group (HeteroFL)."""
+    return {g: torch.arange(widths[g]) for g in full_widths}
+
+
+def rolling_index_sets(full_widths: dict[str, int], widths: dict[str, int], start: int) -> IndexSets:
+    """A window of `widths[g]` consecutive units starting at `start`, wrapping around (FedRolex)."""
+    return {g: torch.sort((start + torch.arange(widths[g])) % n).values for g, n in full_widths.items()}
+
+
+def widths_of(full_widths: dict[str, int], index_sets: IndexSets) -> dict[str, int]:
+    return {g: len(index_sets[g]) if g in index_sets else n for g, n in full_widths.items()}
+
+
+def _dim_index(dim: Dim, index_sets: IndexSets, size: int) -> torch.Tensor | None:
+    if dim.group is None or dim.group == CLASSES or dim.group not in index_sets:
+        return None
+    idx = index_sets[dim.group]
+    if dim.repeat > 1:
+        idx = (idx[:, None] * dim.repeat + torch.arange(dim.repeat)).reshape(-1)
+    return idx
+
+
+def extract(state: State, layout: dict[str, tuple[Dim, ...]], index_sets: IndexSets) -> State:
+    """The tensors of the submodel that keeps `index_sets` (same names, smaller shapes)."""
+    out = {}
+    for name, tensor in state.items():
+        t = tensor
+        for axis, dim in enumerate(layout.get(name, ())):
+            idx = _dim_index(dim, index_sets, t.shape[axis])
+            if idx is not None:
+                t = t.index_select(axis, idx)
+        out[name] = t.clone() if t is tensor else t
+    return out
+
+
+def _region(dims: tuple[Dim, ...], index_sets: IndexSets, shape: torch.Size):
+    """Broadcastable index tensors addressing a client's coordinates in a global tensor."""
+    if not dims:
+        return (...,)
+    index = []
+    for axis, dim in enumerate(dims):
+        idx = _dim_index(dim, index_sets, shape[axis])
+        if idx is None:
+            idx = torch.arange(shape[axis])
+        view = [1] * len(dims)
+        view[axis] = -1
+        index.append(idx.view(view))
+    return tuple(index)
+
+
+@dataclass
+class Contribution:
+    """One client's tensors for aggregation.
+
+    `weight` scales the client in the mean (1 for count-normalised, its sample count for FedAvg);
+    `class_rows` (bool per class) restricts the classifier rows it updates (HeteroFL's label split);
+    `coordinate_masks` (per tensor, 0/1) restricts it to the coordinates it really used (PruneFL)."""
+
+    state: State
+    index_sets: IndexSets = field(default_factory=dict)
+    weight: float = 1.0
+    class_rows: torch.Tensor | None = None
+    coordinate_masks: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def aggregate(global_state: State, layout: dict[str, tuple[Dim, ...]],
+              contributions: list[Contribution]) -> State:
+    """Every coordinate becomes the weighted mean over the contributions that hold it; coordinates
+    that no contribution holds keep their global value. Contributions are summed in list order."""
+    new_state = {}
+    for name, g in global_state.items():
+        if not g.is_floating_point():
+            new_state[name] = g.clone()
+            continue
+        dims = layout.get(name, ())
+        total = torch.zeros_like(g)
+        count = torch.zeros_like(g)
+        for c in contributions:
+            if name not in c.state:
+                continue
+            values = c.state[name].to(g.dtype)
+            weight = torch.full_like(values, float(c.weight))
+            if c.class_rows is not None and dims and dims[0].group == CLASSES:
+                weight = weight * c.class_rows.to(g.dtype).view(-1, *([1] * (values.dim() - 1)))
+            if name in c.coordinate_masks:
+                weight = weight * c.coordinate_masks[name].to(g.dtype)
+            region = _region(dims, c.index_sets, g.shape)
+            total[region] += weight * values
+            count[region] += weight
+        new_state[name] = torch.where(count > 0, total / count.clamp_min(1e-30), g)
+    return new_state
+
+
+def coordinate_masks(layout: dict[str, tuple[Dim, ...]], shapes: dict[str, torch.Size],
+                     unit_masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """0/1 masks over tensor coordinates: a coordinate is kept when every unit it belongs to
+    (its output unit, and the input unit it reads) is kept. Tensors that no masked group touches
+    are left out."""
+    masks = {}
+    for name, shape in shapes.items():
+        dims = layout.get(name, ())
+        mask = None
+        for axis, dim in enumerate(dims):
+            if dim.group not in unit_masks:
+                continue
+            m = unit_masks[dim.group].float()
+            if dim.repeat > 1:
+                m = m.repeat_interleave(dim.repeat)
+            view = [1] * len(shape)
+            view[axis] = -1
+            m = m.view(view)
+            mask = m if mask is None else mask * m
+        if mask is not None:
+            masks[name] = mask.expand(shape).contiguous()
+    return masks
+
+
+def state_bytes(state: State) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values() if t.is_floating_point())
