@@ -1,0 +1,24 @@
+# Two commands on a fresh machine: `make run` (set up, then the quickstart) and `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+OUT ?= results/runs
+
+.PHONY: run test bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+run: $(BIN)/.installed
+	$(BIN)/fedbench run sweeps/quickstart.yaml --out $(OUT)
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest
+
+bench: $(BIN)/.installed
+	$(BIN)/fedbench bench
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,95 @@
+"""Bad input: exit status 2, one line on stderr naming the field or file, nothing written."""
+import textwrap
+
+import pytest
+
+from harness.cli import main
+from harness.config import expand, parse_override
+
+GOOD = textwrap.dedent("""\
+    name: bad
+    rounds: 2
+    data: {dataset: mnist-5k, split: {kind: shards, shards_per_client: 2, shard_size: 20}}
+    clients: {total: 20, per_round: 5}
+    model: {name: cnn}
+    train: {epochs: 1}
+    method: {name: fedavg}
+""")
+
+
+def run_cli(tmp_path, text, *args):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    out = tmp_path / "out"
+    return main(["run", str(cfg), "--out", str(out), "--quiet", *args]), out
+
+
+@pytest.mark.parametrize("text, args, field", [
+    (GOOD + "colour: red\n", [], "colour: unknown key"),
+    (GOOD, ["--set", "rounds=many"], "rounds"),
+    (GOOD, ["--set", "rounds=0"], "rounds"),
+    (GOOD, ["--set", "clients.total=-3"], "clients.total"),
+    (GOOD, ["--set", "clients.per_round=50"], "clients"),
+    (GOOD, ["--set", "data.dataset=imagenet"], "data.dataset"),
+    (GOOD, ["--set", "model.name=transformer"], "model.name"),
+    (GOOD, ["--set", "method.name=fedprox"], "method.name"),
+    (GOOD, ["--set", "method.lambda_=2"], "method.lambda_: unknown key"),
+    (GOOD, ["--set", "train.lr=-0.1"], "train.lr"),
+    (GOOD, ["--set", "train.batch_size=2.5"], "train.batch_size"),
+    (GOOD, ["--set", "data.split.shard_size=400"], "data.split"),
+    (GOOD, ["--set", "devices.tiers=[{name: a, cap: 2, compute_mflops: 1}]"], "devices.tiers.0.cap"),
+    (GOOD, ["--set", "devices.assignment=sometimes"], "devices.assignment"),
+    (GOOD, ["--set", "engine.backend=spark"], "engine.backend"),
+    (GOOD, ["--set", "data.dataset=npz:/nonexistent/file.npz"], "data.dataset: file not found"),
+    (GOOD, ["--set", "devices.trace=/nonexistent/trace.csv"], "devices.trace"),
+    (GOOD, ["--set", "noequals"], "--set"),
+    (GOOD + "data: [1, 2\n", [], "c.yaml: not valid YAML"),
+    ("- just\n- a list\n", [], "c.yaml: the top level must be a mapping"),
+])
+def test_bad_input_is_one_line_naming_the_field(tmp_path, capsys, text, args, field):
+    code, out = run_cli(tmp_path, text, *args)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1, err
+    assert err.startswith("fedbench: error: ")
+    assert field in err, err
+    assert not out.exists(), "nothing may be written for bad input"
+
+
+def test_missing_config_file(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "nope.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nope.yaml: cannot read file" in err
+
+
+def test_unknown_option_is_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["run", "x.yaml", "--frobnicate"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_overrides_parse_yaml_values():
+    assert parse_override("rounds=5") == ("rounds", 5)
+    assert parse_override("train.lr=1e-2") == ("train.lr", 0.01)
+    assert parse_override("method.name=fedavg") == ("method.name", "fedavg")
+    assert parse_override("train.clip_grad_norm=null") == ("train.clip_grad_norm", None)
+
+
+def test_grid_expands_and_set_on_an_axis_replaces_it():
+    raw = {"name": "g", "method": {"name": "fedavg"},
+           "grid": {"seed": [1, 2], "train.lr": [0.1, 0.05]}}
+    exps, _ = expand(raw)
+    assert [(e.seed, e.train.lr) for e in exps] == [(1, 0.1), (1, 0.05), (2, 0.1), (2, 0.05)]
+    assert len({e.name for e in exps}) == 4
+    exps, _ = expand(raw, [("seed", 7)])
+    assert [(e.seed, e.train.lr) for e in exps] == [(7, 0.1), (7, 0.05)]
+
+
+def test_set_inside_a_dict_axis_keeps_the_matching_entries():
+    raw = {"name": "g", "grid": {"data.split": [{"kind": "shards", "shard_size": 20}, {"kind": "iid"}]}}
+    assert len(expand(raw)[0]) == 2
+    exps, _ = expand(raw, [("data.split.kind", "iid"), ("rounds", 3)])
+    assert len(exps) == 1 and exps[0].data.split.kind == "iid" and exps[0].rounds == 3
+    exps, _ = expand(raw, [("data.split.kind", "dirichlet")])  # no entry matches: a plain override
+    assert len(exps) == 1 and exps[0].data.split.kind == "dirichlet"
