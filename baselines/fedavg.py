@@ -12,7 +12,8 @@ from harness.training import local_sgd
 
 
 class FedAvg(Strategy):
-    def setup(self):
+    def setup(self, store):
+        super().setup(store)
         self.global_state = self.bench.init_global_state()
 
     def configure(self, rnd, clients):

@@ -59,6 +59,12 @@ def training_flops(forward_flops_per_sample: float, samples_processed: int) -> f
     return 3.0 * forward_flops_per_sample * samples_processed
 
 
+def sparse_bytes(kept: int, total: int, value_bytes: int = 4) -> int:
+    """Bytes of a sparse tensor upload: the kept values plus whichever locates them more cheaply,
+    a bitmap over all coordinates (total / 8 bytes) or 32-bit indices (4 bytes per kept value)."""
+    return kept * value_bytes + min((total + 7) // 8, 4 * kept)
+
+
 @dataclass(frozen=True)
 class ClientTime:
     down_s: float

@@ -46,8 +46,8 @@ class Experiment:
         cfg = self.cfg
         bench = Workbench(cfg)
         strategy = bench.strategy
-        strategy.setup()
         store = DiskStore(self.out_dir / "client_state.sqlite") if cfg.engine.state_store == "disk" else MemoryStore()
+        strategy.setup(store)
         owns_engine = self.engine is None
         engine = self.engine or make_engine(cfg.engine)
         identity = dict(experiment=cfg.name, setting=setting_label(cfg), method=cfg.method.name,

@@ -25,6 +25,7 @@ from harness.config import Tier
 from harness.errors import ConfigError
 
 if TYPE_CHECKING:
+    from harness.state import StateStore
     from harness.workbench import Workbench
 
 
@@ -94,8 +95,11 @@ class Strategy:
         self.params = params
 
     # -- server side (driver) -----------------------------------------------------------------------
-    def setup(self) -> None:
-        """Initialise the server state (the global model) before round 0."""
+    def setup(self, store: StateStore) -> None:
+        """Initialise the server state (the global model) before round 0. `store` holds personal
+        per-client state: the "client" namespace travels with each task (ClientTask.state, and
+        ClientResult.state back); other namespaces are the server's own per-client records."""
+        self.store = store
 
     def configure(self, rnd: int, clients: list[ClientSlot]) -> tuple[Any, list[Any]]:
         """(broadcast for the round, one instruction per client)."""
