@@ -85,6 +85,12 @@ class Workbench:
         idx = self.test_index[client_id]
         return float(correct[idx].float().mean()) if len(idx) else float("nan")
 
+    def accuracy_on_client(self, model: torch.nn.Module, client_id: int) -> float:
+        """`model` on one client's own test set (for personalised models)."""
+        idx = self.test_index[client_id]
+        correct = correct_per_sample(model, self.dataset.x_test[idx], self.dataset.y_test[idx], self.dataset.normalize)
+        return float(correct.float().mean()) if len(idx) else float("nan")
+
     def evaluate_global(self, state: dict[str, torch.Tensor], static_bn: bool = False) -> Evaluation:
         """The global model on the whole test set and on every client's test set. With static BN
         the normalisation statistics are first computed over the clients' training data."""
