@@ -38,6 +38,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     _add_run(sub)
+    b = sub.add_parser(
+        "bench", help="seconds per round: serial loop vs. a process pool (the hardware limit) vs. the Ray engine",
+        description="Run one fixed workload (the paper's MNIST CNN on mnist-5k, FedAvg, batch 10, 1 local epoch) "
+                    "on the serial engine, on a multiprocessing pool doing exactly the same training (the hardware "
+                    "limit) and on the Ray engine, and report median seconds per round after a warm-up round and "
+                    "the peak resident memory of the whole process tree.")
+    b.add_argument("--clients-per-round", type=int, default=10, help="clients sampled per round (default 10)")
+    b.add_argument("--rounds", type=int, default=10, help="timed rounds per execution (default 10)")
+    b.add_argument("--clients", type=int, default=100, help="clients in total (default 100)")
+    b.add_argument("--executors", type=int, default=2, help="Ray executors and pool processes (default 2)")
+    b.add_argument("--cpus-per-executor", type=float, default=1.0, help="CPU quota per executor (default 1)")
+    b.add_argument("--json", action="store_true", help="print one JSON object")
     sub.add_parser("methods", help="list the available methods and their parameters")
     return parser
 
@@ -76,7 +88,22 @@ def cmd_methods(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "methods": cmd_methods}
+def cmd_bench(args) -> int:
+    from harness.bench import print_bench, run_bench
+
+    for flag in ("clients_per_round", "rounds", "clients", "executors"):
+        if getattr(args, flag) <= 0:
+            raise UserError("--" + flag.replace("_", "-"), "must be a positive integer")
+    if args.clients_per_round > args.clients:
+        raise UserError("--clients-per-round", f"{args.clients_per_round} exceeds --clients {args.clients}")
+    if args.clients > 2000:
+        raise UserError("--clients", "the embedded 4000 training images allow at most 2000 clients of 2 images")
+    result = run_bench(args.clients_per_round, args.rounds, args.clients, args.executors, args.cpus_per_executor)
+    print_bench(result, args.json)
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "bench": cmd_bench, "methods": cmd_methods}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -107,13 +107,14 @@ class DevicesConfig(Strict):
 
 
 class EngineConfig(Strict):
-    backend: Literal["serial", "ray"] = "serial"
+    backend: Literal["serial", "ray"] = "ray"
     executors: int | Literal["auto"] = "auto"
     cpus_per_executor: float = Field(1.0, gt=0)
     gpus_per_executor: float = Field(0.0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     state_store: Literal["memory", "disk"] = "memory"
     include_dashboard: bool = False
+    start_timeout_s: float = Field(60.0, gt=0)
 
     @field_validator("executors")
     @classmethod

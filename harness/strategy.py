@@ -13,6 +13,7 @@ through the `fedbench.methods` entry-point group (see pyproject.toml).
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -135,6 +136,16 @@ def available_methods() -> list[str]:
 
 @functools.cache
 def method_class(name: str) -> type[Strategy]:
+    """A registered method by name, or any Strategy by import path `package.module:Class`."""
+    if ":" in name:
+        module, _, attr = name.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise ConfigError("method.name", f"cannot import {name!r}: {e}") from None
+        if not (isinstance(cls, type) and issubclass(cls, Strategy)):
+            raise ConfigError("method.name", f"{name!r} is not a Strategy subclass")
+        return cls
     ep = _methods().get(name)
     if ep is None:
         raise ConfigError("method.name", f"unknown method {name!r}; available: {', '.join(available_methods())}")

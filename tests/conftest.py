@@ -46,3 +46,13 @@ def make_config(tmp_path=None, **overrides):
 @pytest.fixture
 def config(tmp_path):
     return lambda **kw: make_config(tmp_path, **kw)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One Ray session for the whole test run: 4 logical CPUs and 1 logical GPU."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False,
+             logging_level="ERROR")
+    yield ray
+    ray.shutdown()

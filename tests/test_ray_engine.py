@@ -1,0 +1,106 @@
+"""The Ray engine: same numbers as the serial engine on any pool size, fractional quotas, faults."""
+import os
+import signal
+import threading
+import time
+
+import pandas as pd
+import pytest
+
+from harness.errors import UserError
+from harness.experiment import Experiment
+from harness.ray_engine import RayEngine
+from harness.results import ROUNDS
+from harness.workbench import Workbench
+
+IGNORE = [c for c in ROUNDS.names if c.startswith("wall")] + ["experiment"]
+
+
+def read(cfg):
+    folder = f"{cfg.out}/{cfg.name}"
+    rounds = pd.read_parquet(f"{folder}/rounds.parquet").drop(columns=IGNORE)
+    clients = pd.read_parquet(f"{folder}/clients.parquet").drop(columns=["experiment"])
+    return rounds, clients
+
+
+def assert_same(a, b):
+    pd.testing.assert_frame_equal(a[0], b[0])
+    pd.testing.assert_frame_equal(a[1], b[1])
+
+
+def test_serial_and_ray_pools_of_1_2_4_give_identical_rows(ray_session, config):
+    base = {"rounds": 2, "clients.per_round": 6}
+    serial = config(name="serial", **base, **{"engine.backend": "serial"})
+    Experiment(serial).run()
+    for n in (1, 2, 4):
+        cfg = config(name=f"ray{n}", **base, **{"engine.backend": "ray", "engine.executors": n})
+        Experiment(cfg).run()
+        assert_same(read(serial), read(cfg))
+
+
+def test_fractional_logical_gpus_all_run_at_once(ray_session, config):
+    cfg = config(**{"engine.backend": "ray", "engine.executors": 4, "engine.cpus_per_executor": 0.5,
+                    "engine.gpus_per_executor": 0.25})
+    engine = RayEngine(cfg.engine)
+    engine.start(Workbench(cfg))
+    try:
+        assert len(engine.executor_info) == 4  # all four are up together on one logical GPU
+        assert ray_session.available_resources().get("GPU", 0) == 0
+        assert {e["device"] for e in engine.executor_info} == {"cpu"}  # no CUDA device behind the logical GPU
+        assert {e["threads"] for e in engine.executor_info} == {1}
+    finally:
+        engine.close()
+
+
+def test_an_oversized_pool_fails_fast_with_one_line(ray_session, config):
+    for overrides, asked in [({"engine.executors": 8}, "ask for 8 CPUs"),
+                             ({"engine.executors": 2, "engine.gpus_per_executor": 1}, "2 GPUs")]:
+        cfg = config(**{"engine.backend": "ray", **overrides})
+        engine = RayEngine(cfg.engine)
+        start = time.monotonic()
+        with pytest.raises(UserError) as e:
+            engine.start(Workbench(cfg))
+        assert time.monotonic() - start < 10
+        assert asked in str(e.value) and "the cluster has 4 CPUs, 1 GPUs" in str(e.value)
+        assert "\n" not in str(e.value)
+
+
+def test_a_raising_client_is_recorded_and_the_round_goes_on(ray_session, config):
+    cfg = config(name="faulty", rounds=2, **{"engine.backend": "ray", "engine.executors": 2,
+                                             "method.name": "tests.faulty:FailingFedAvg",
+                                             "method.fail_clients": list(range(1, 20, 2))})
+    Experiment(cfg).run()
+    rounds, clients = read(cfg)
+    failed = clients[clients.status == "error"]
+    assert len(failed) >= 1 and failed["error"].str.contains("broke on purpose").all()
+    assert failed["flops"].isna().all()
+    assert (clients[clients.status == "ok"]["flops"] > 0).all()
+    assert rounds["clients_failed"].sum() == len(failed)
+    assert (rounds["clients_ok"] + rounds["clients_failed"] == 5).all()
+
+
+def test_a_killed_executor_is_replaced_and_results_do_not_change(ray_session, config):
+    base = {"rounds": 3, "clients.per_round": 6, "train.epochs": 8}
+    reference = config(name="undisturbed", **base, **{"engine.backend": "serial"})
+    Experiment(reference).run()
+
+    cfg = config(name="killed", **base, **{"engine.backend": "ray", "engine.executors": 2})
+    engine = RayEngine(cfg.engine)
+    original_run = engine.run
+    victims = []
+
+    def run_and_kill(broadcast, tasks):
+        if tasks[0].round == 1:  # kill executor 0's process while the round's calls are running
+            pid = engine.executor_info[0]["pid"]
+            threading.Timer(0.05, os.kill, (pid, signal.SIGKILL)).start()
+            victims.append(pid)
+        return original_run(broadcast, tasks)
+
+    engine.run = run_and_kill
+    try:
+        Experiment(cfg, engine=engine).run()
+        pids = ray_session.get([a.ready.remote() for a in engine.pool.actors])
+    finally:
+        engine.close()
+    assert victims and victims[0] not in {p["pid"] for p in pids}  # replaced by a new process
+    assert_same(read(reference), read(cfg))
