@@ -139,6 +139,7 @@ class ExperimentConfig(Strict):
     seed: int = Field(1, ge=0)
     rounds: int = Field(20, gt=0)
     eval_every: int = Field(1, gt=0)
+    checkpoint_every: int = Field(10, ge=0, description="rounds between checkpoints in sweeps; 0: none")
     data: DataConfig = DataConfig()
     clients: ClientsConfig = ClientsConfig()
     model: ModelConfig = ModelConfig()

@@ -51,3 +51,31 @@ def test_cli_quickstart_contract(tmp_path, capsys):
     assert not list(folders[0].glob(".*")), "no temporary files left behind"
     printed = capsys.readouterr().out
     assert "final acc %" in printed and "fedavg" in printed
+
+
+def test_restored_experiment_ends_with_the_uninterrupted_numbers(config, tmp_path):
+    whole = config(name="whole", rounds=4)
+    Experiment(whole).run()
+    checkpoints = []
+    first = config(name="cut", rounds=4, checkpoint_every=2)
+
+    class Interrupt(Exception):
+        pass
+
+    def on_round(row, checkpoint):
+        if checkpoint is not None:
+            checkpoints.append(checkpoint())
+            raise Interrupt  # the driver dies right after its first checkpoint
+
+    with pytest.raises(Interrupt):
+        Experiment(first, on_round=on_round).run()
+    assert checkpoints[0]["next_round"] == 2
+    resumed = Experiment(first)
+    resumed.restore(checkpoints[0])
+    resumed.run()
+    a = pd.read_parquet(f"{whole.out}/whole/rounds.parquet").drop(columns=WALL + ["experiment"])
+    b = pd.read_parquet(f"{first.out}/cut/rounds.parquet").drop(columns=WALL + ["experiment"])
+    pd.testing.assert_frame_equal(a, b)
+    ca = pd.read_parquet(f"{whole.out}/whole/clients.parquet").drop(columns=["experiment"])
+    cb = pd.read_parquet(f"{first.out}/cut/clients.parquet").drop(columns=["experiment"])
+    pd.testing.assert_frame_equal(ca, cb)
