@@ -50,6 +50,33 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--executors", type=int, default=2, help="Ray executors and pool processes (default 2)")
     b.add_argument("--cpus-per-executor", type=float, default=1.0, help="CPU quota per executor (default 1)")
     b.add_argument("--json", action="store_true", help="print one JSON object")
+    sw = sub.add_parser(
+        "sweep", help="run a config's grid as Ray Tune trials (resumable), then its leaderboard and plots",
+        description="Run every grid point of FILE as one Ray Tune trial; each trial reserves a placement group "
+                    "of [driver bundle] + [executor bundle] x tune.executors_per_trial. Running it again on the same "
+                    "output folder (or with --resume) continues an interrupted sweep: finished trials are kept, "
+                    "unfinished ones continue from their last checkpoint. Ends with the leaderboard (CSV) and plots.")
+    sw.add_argument("config", help="YAML sweep file (base experiment + grid + tune settings)")
+    sw.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a key of the base experiment or replace a grid axis, as for `run`")
+    sw.add_argument("--out", help="output folder (default: results/<sweep name>)")
+    sw.add_argument("--name", help="sweep name (default: the file's name without .yaml)")
+    sw.add_argument("--resume", action="store_true", help="require an earlier run of this sweep to resume")
+    sw.add_argument("--target-acc", type=float, help="target accuracy for the leaderboard's time-to-accuracy")
+    lb = sub.add_parser("leaderboard", help="one row per (setting, method) over seeds, best first",
+                        description="Read every finished experiment under DIR and print one row per (setting, "
+                                    "method): seeds, mean and std of final and best accuracy, simulated time to the "
+                                    "target accuracy, total simulated time, FLOPs, MB up and down, wall time.")
+    lb.add_argument("dir", help="results folder (of `fedbench run` or `fedbench sweep`)")
+    lb.add_argument("-o", "--output", help="write the leaderboard as CSV here (default: DIR/leaderboard.csv)")
+    lb.add_argument("--target-acc", type=float,
+                    help="accuracy (fraction) for time-to-target; default: per setting, the lowest best accuracy "
+                         "of its runs, the highest level every run reaches")
+    pl = sub.add_parser("plot", help="PNG figures: accuracy vs simulated time and vs round, running time",
+                        description="Write, per setting, accuracy against simulated time and against round (a line "
+                                    "per method, a band over seeds) and a bar chart of running time.")
+    pl.add_argument("dir", help="results folder")
+    pl.add_argument("-o", "--output", help="folder for the PNG files (default: DIR/plots)")
     sub.add_parser("methods", help="list the available methods and their parameters")
     return parser
 
@@ -103,7 +130,66 @@ def cmd_bench(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "bench": cmd_bench, "methods": cmd_methods}
+def _target(value: float | None) -> float | None:
+    if value is not None and not 0 < value <= 1:
+        raise UserError("--target-acc", f"must be a fraction in (0, 1], got {value}")
+    return value
+
+
+def _report(folder: Path, output: str | None, target: float | None) -> None:
+    from harness import leaderboard
+    from harness.plots import plot
+
+    board = leaderboard.build(folder, target)
+    print(leaderboard.format_table(board))
+    csv = leaderboard.write(board, output or folder / "leaderboard.csv")
+    figures = plot(folder)
+    print(f"\nleaderboard: {csv}\nplots: {', '.join(str(f) for f in figures)}")
+
+
+def cmd_sweep(args) -> int:
+    from harness import config
+    from harness.sweep import SweepFailed, SweepInterrupted, run_sweep
+    from harness.workbench import Workbench
+
+    target = _target(args.target_acc)
+    experiments, sweep = config.load(args.config, args.overrides)
+    for cfg in experiments:
+        Workbench(cfg)
+    name = args.name or Path(args.config).stem
+    out = Path(args.out or Path("results") / name)
+    failed = None
+    try:
+        run_sweep(experiments, sweep, out, name, resume=True if args.resume else None)
+    except SweepFailed as e:
+        failed = e
+        print(f"fedbench: {e}", file=sys.stderr)
+    except SweepInterrupted as e:
+        print(f"fedbench: {e}", file=sys.stderr)
+        return 130
+    _report(out, None, target)
+    return 1 if failed else 0
+
+
+def cmd_leaderboard(args) -> int:
+    from harness import leaderboard
+
+    board = leaderboard.build(args.dir, _target(args.target_acc))
+    print(leaderboard.format_table(board))
+    print(f"\nwritten: {leaderboard.write(board, args.output or Path(args.dir) / 'leaderboard.csv')}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from harness.plots import plot
+
+    for path in plot(args.dir, args.output):
+        print(path)
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "bench": cmd_bench, "sweep": cmd_sweep, "leaderboard": cmd_leaderboard,
+            "plot": cmd_plot, "methods": cmd_methods}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -158,8 +158,16 @@ class ExperimentConfig(Strict):
 
 
 class TuneConfig(Strict):
+    """How `fedbench sweep` runs the grid on Ray Tune: each trial reserves a driver bundle and one
+    bundle per executor."""
+
     max_concurrent_trials: int = Field(1, gt=0)
-    driver_cpus: float = Field(1.0, ge=0)
+    executors_per_trial: int = Field(1, gt=0)
+    cpus_per_executor: float = Field(1.0, gt=0)
+    gpus_per_executor: float = Field(0.0, ge=0)
+    driver_cpus: float = Field(0.25, gt=0, description="the trial's own process: aggregation and evaluation")
+    max_failures: int = Field(0, ge=0, description="retries of a failed trial (from its last checkpoint)")
+    verbose: int = Field(1, ge=0, le=3)
 
 
 class SweepFile(Strict):

@@ -18,3 +18,24 @@ class FailingFedAvg(FedAvg):
         if task.client_id in self.params.fail_clients:
             raise RuntimeError(f"client {task.client_id} broke on purpose")
         return super().local_update(global_state, task)
+
+
+class CrashOnceParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    crash_at_round: int = 2
+    marker: str = ""
+
+
+class CrashOnceFedAvg(FedAvg):
+    """FedAvg whose server process dies once at `crash_at_round` (the marker file remembers it)."""
+
+    Params = CrashOnceParams
+
+    def aggregate(self, rnd, results):
+        from pathlib import Path
+
+        marker = Path(self.params.marker)
+        if rnd == self.params.crash_at_round and not marker.exists():
+            marker.write_text("crashed")
+            raise RuntimeError("the trial's driver dies here, once")
+        return super().aggregate(rnd, results)

@@ -1,0 +1,88 @@
+"""Sweeps on Ray Tune, checkpoints, the leaderboard and plots."""
+import pandas as pd
+import pytest
+
+from harness import leaderboard
+from harness.config import expand
+from harness.errors import UserError
+from harness.experiment import Experiment
+from harness.plots import plot
+from harness.results import ROUNDS, SUMMARY, write_table
+from harness.sweep import run_sweep
+
+WALL = [c for c in ROUNDS.names if c.startswith("wall")]
+
+
+def sweep_raw(tmp_path, **tune):
+    return {
+        "name": "sw", "rounds": 4, "checkpoint_every": 1,
+        "data": {"dataset": "mnist-5k", "split": {"kind": "shards", "shards_per_client": 2, "shard_size": 20}},
+        "clients": {"total": 20, "per_round": 4}, "model": {"name": "cnn"}, "train": {"epochs": 1},
+        "method": {"name": "tests.faulty:CrashOnceFedAvg", "crash_at_round": 2, "marker": str(tmp_path / "crashed")},
+        "grid": {"seed": [1, 2]},
+        "tune": {"max_concurrent_trials": 2, "executors_per_trial": 1, "cpus_per_executor": 1.0,
+                 "driver_cpus": 0.5, "max_failures": 1, "verbose": 0, **tune},
+    }
+
+
+def test_a_trial_that_dies_continues_from_its_checkpoint_with_the_same_numbers(ray_session, tmp_path):
+    experiments, sweep = expand(sweep_raw(tmp_path))
+    run_sweep(experiments, sweep, tmp_path / "sweep", "sw")
+    assert (tmp_path / "crashed").exists()  # one trial really died at round 2
+    for cfg in experiments:  # the same experiment, uninterrupted, on the serial engine
+        plain = cfg.model_copy(update={"out": str(tmp_path / "plain"), "method": cfg.method.model_copy(
+            update={"crash_at_round": -1})})
+        Experiment(plain).run()
+        swept = pd.read_parquet(tmp_path / "sweep" / cfg.name / "rounds.parquet")
+        again = pd.read_parquet(tmp_path / "plain" / cfg.name / "rounds.parquet")
+        assert swept["round"].tolist() == [0, 1, 2, 3]
+        pd.testing.assert_frame_equal(swept.drop(columns=WALL + ["method_label"]),
+                                      again.drop(columns=WALL + ["method_label"]))
+    board = leaderboard.build(tmp_path / "sweep")
+    assert board["seeds"].tolist() == [2]
+
+
+def test_a_sweep_too_large_for_the_cluster_fails_at_once(ray_session, tmp_path):
+    experiments, sweep = expand(sweep_raw(tmp_path, executors_per_trial=8))
+    with pytest.raises(UserError, match="one trial asks for 8.5 CPUs .* but the cluster has 4"):
+        run_sweep(experiments, sweep, tmp_path / "big", "big")
+
+
+def fake_results(root):
+    """Two methods x two seeds with known numbers."""
+    ident = dict(setting="s", dataset="d", model="m")
+    table = {("a", 1): [0.5, 0.7, 0.8], ("a", 2): [0.6, 0.6, 0.9], ("b", 1): [0.4, 0.5, 0.6], ("b", 2): [0.3, 0.6, 0.5]}
+    for (method, seed), accs in table.items():
+        exp = f"{method}{seed}"
+        rows = [dict(ident, experiment=exp, method=method, method_label=method, seed=seed, round=r,
+                     acc_clients_mean=a, sim_total_s=10.0 * (r + 1) * (1 if method == "a" else 2)) for r, a in enumerate(accs)]
+        write_table(root / exp / "rounds.parquet", rows, ROUNDS)
+        write_table(root / exp / "summary.parquet", [dict(
+            ident, experiment=exp, method=method, method_label=method, seed=seed, rounds=3, status="completed",
+            final_acc=accs[-1], best_acc=max(accs), sim_total_s=rows[-1]["sim_total_s"], flops_total=2e12,
+            bytes_up_total=3_000_000, bytes_down_total=4_000_000, wall_total_s=5.0)], SUMMARY)
+
+
+def test_leaderboard_by_hand(tmp_path):
+    fake_results(tmp_path)
+    board = leaderboard.build(tmp_path)
+    assert board["method"].tolist() == ["a", "b"]  # best first
+    a, b = board.iloc[0], board.iloc[1]
+    assert (a["seeds"], a["final_acc_mean"], a["final_acc_std"]) == (2, pytest.approx(0.85), pytest.approx(0.05))
+    assert (b["best_acc_mean"], b["best_acc_std"]) == (pytest.approx(0.6), pytest.approx(0.0))
+    # default target: the lowest best accuracy of any run (0.6): a reaches it at 20 s (seed 1) and 10 s (seed 2)
+    assert a["target_acc"] == pytest.approx(0.6) and a["time_to_target_s"] == pytest.approx(15.0)
+    assert b["time_to_target_s"] == pytest.approx((60.0 + 40.0) / 2)
+    assert a["tflops_total"] == pytest.approx(2.0) and a["mb_up"] == pytest.approx(3.0)
+    high = leaderboard.build(tmp_path, target_acc=0.85)
+    assert high.iloc[0]["seeds_reaching_target"] == 1 and pd.isna(high.iloc[0]["time_to_target_s"])
+    csv = leaderboard.write(board, tmp_path / "lb.csv")
+    assert pd.read_csv(csv)["method"].tolist() == ["a", "b"]
+    assert "not reached (1/2)" in leaderboard.format_table(high)
+
+
+def test_plots_are_written(tmp_path):
+    fake_results(tmp_path)
+    files = plot(tmp_path)
+    assert {f.name for f in files} == {"s_acc_vs_time.png", "s_acc_vs_round.png", "s_running_time.png"}
+    assert all(f.stat().st_size > 10_000 for f in files)
