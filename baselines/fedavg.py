@@ -24,7 +24,7 @@ class FedAvg(Strategy):
         model = bench.load(bench.build(), global_state)
         x, y = bench.train_data(task.client_id)
         stats = local_sgd(model, x, y, bench.cfg.train, bench.lr(task.round),
-                          bench.generator(task.round, task.client_id))
+                          bench.generator(task.round, task.client_id), clip_grad_norm=self.params.clip_grad_norm)
         trained = {k: v.detach().cpu() for k, v in model.state_dict().items() if k in global_state}
         size = state_bytes(trained)
         return ClientResult(

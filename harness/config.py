@@ -70,7 +70,6 @@ class TrainConfig(Strict):
     lr_decay: float = Field(0.998, gt=0, le=1)
     weight_decay: float = Field(1.2e-6, ge=0)
     momentum: float = Field(0.0, ge=0, lt=1)
-    clip_grad_norm: float | None = Field(None, gt=0)
 
 
 class Tier(Strict):

@@ -20,7 +20,7 @@ from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from harness.config import Tier
 from harness.errors import ConfigError
@@ -30,8 +30,11 @@ if TYPE_CHECKING:
     from harness.workbench import Workbench
 
 
-class NoParams(BaseModel):
+class MethodParams(BaseModel):
+    """Parameters every method has; a method's own Params subclass this."""
+
     model_config = ConfigDict(extra="forbid")
+    clip_grad_norm: float | None = Field(None, gt=0, description="gradient-norm clipping in local training")
 
 
 @dataclass
@@ -89,7 +92,7 @@ class Evaluation:
 
 
 class Strategy:
-    Params: ClassVar[type[BaseModel]] = NoParams
+    Params: ClassVar[type[BaseModel]] = MethodParams
 
     def __init__(self, bench: Workbench, params: BaseModel):
         self.bench = bench

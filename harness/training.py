@@ -34,6 +34,7 @@ def local_sgd(
     *,
     extra_params: list[torch.Tensor] = (),
     extra_lr: float | None = None,
+    clip_grad_norm: float | None = None,
     class_mask: torch.Tensor | None = None,
     before_batch: Callable[[], None] | None = None,
     regularizer: Callable[[], torch.Tensor] | None = None,
@@ -42,6 +43,7 @@ def local_sgd(
 ) -> TrainStats:
     """Train `model` in place for `train.epochs` epochs on (x, y).
 
+    clip_grad_norm: clip the model's gradient norm before each update (a method parameter).
     class_mask: bool per class; logits of the other classes are set to 0 before the loss
       (HeteroFL's masked cross-entropy).
     before_batch(): called before each forward pass (recompute masks, apply weight masks).
@@ -76,8 +78,8 @@ def local_sgd(
             objective.backward()
             if after_backward is not None:
                 after_backward(len(yb))
-            if train.clip_grad_norm is not None:
-                nn.utils.clip_grad_norm_([p for _, p in named], train.clip_grad_norm)
+            if clip_grad_norm is not None:
+                nn.utils.clip_grad_norm_([p for _, p in named], clip_grad_norm)
             masks = update_masks() if callable(update_masks) else (update_masks or {})
             with torch.no_grad():
                 for name, p in named:

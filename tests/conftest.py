@@ -36,6 +36,7 @@ def make_config(tmp_path=None, **overrides):
         "clients": {"total": 20, "per_round": 5},
         "model": {"name": "cnn"},
         "train": {"epochs": 1, "batch_size": 10},
+        "engine": {"backend": "serial"},
         "out": str(tmp_path or "/tmp/fedbench-tests"),
     }
     experiments, _ = expand(raw, list(overrides.items()))
