@@ -2,7 +2,7 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
-OUT ?= results/runs
+OUT ?= results/quickstart
 
 .PHONY: run test bench clean
 
@@ -12,7 +12,7 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 run: $(BIN)/.installed
-	$(BIN)/fedbench run sweeps/quickstart.yaml --out $(OUT)
+	$(BIN)/fedbench sweep sweeps/quickstart.yaml --out $(OUT)
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest
