@@ -138,3 +138,18 @@ def coordinate_masks(layout: dict[str, tuple[Dim, ...]], shapes: dict[str, torch
 
 def state_bytes(state: State) -> int:
     return sum(t.numel() * t.element_size() for t in state.values() if t.is_floating_point())
+
+
+def unit_l1_norms(state: State, layout: dict[str, tuple[Dim, ...]]) -> dict[str, torch.Tensor]:
+    """Per unit group, the L1 norm of each unit's incoming conv/linear weights (every coordinate of
+    the unit's row, whatever inputs it reads), summed over the layers of a coupled group. Norm
+    parameters, biases and the classifier are left out."""
+    norms: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        dims = layout.get(name, ())
+        if len(dims) < 2 or tensor.dim() < 2 or dims[0].group in (None, CLASSES):
+            continue
+        norm = tensor.detach().abs().sum(dim=tuple(range(1, tensor.dim())))
+        group = dims[0].group
+        norms[group] = norm if group not in norms else norms[group] + norm
+    return norms

@@ -1,11 +1,10 @@
 """A test-only strategy, loaded by import path (method.name: tests.faulty:FailingFedAvg)."""
-from pydantic import BaseModel, ConfigDict
 
 from baselines.fedavg import FedAvg
+from harness.strategy import MethodParams
 
 
-class FailingParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class FailingParams(MethodParams):
     fail_clients: list[int] = []
 
 
@@ -20,8 +19,7 @@ class FailingFedAvg(FedAvg):
         return super().local_update(global_state, task)
 
 
-class CrashOnceParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class CrashOnceParams(MethodParams):
     crash_at_round: int = 2
     marker: str = ""
 
