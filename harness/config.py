@@ -277,32 +277,41 @@ def split_sweep(raw: dict[str, Any]) -> tuple[dict[str, Any], SweepFile]:
     return base, sweep
 
 
-def _apply_override_to_grid(grid: dict[str, list[Any]], key: str, value: Any) -> bool:
-    """A --set on a grid axis replaces the axis; on a key inside dict-valued axis entries
-    (e.g. `method.name` for an axis `method` of method dicts) it keeps the entries that match.
-    Returns True when the override was consumed by the grid."""
-    if key in grid:
-        grid[key] = [value]
-        return True
-    for axis in list(grid):
-        if key.startswith(axis + "."):
-            sub = key[len(axis) + 1:]
-            matching = []
-            for entry in grid[axis]:
-                if isinstance(entry, dict):
-                    entry = copy.deepcopy(entry)
-                    node, parts = entry, sub.split(".")
-                    for part in parts[:-1]:
-                        node = node.get(part) if isinstance(node, dict) else None
-                    if isinstance(node, dict) and node.get(parts[-1]) == value:
-                        matching.append(entry)
-            if matching:
-                grid[axis] = matching
-            else:
-                del grid[axis]
-                return False
-            return True
-    return False
+def _dict_axis(grid: dict[str, list[Any]], key: str) -> tuple[str | None, str]:
+    for axis, entries in grid.items():
+        if key.startswith(axis + ".") and all(isinstance(e, dict) for e in entries):
+            return axis, key[len(axis) + 1:]
+    return None, ""
+
+
+def apply_overrides(base: dict[str, Any], grid: dict[str, list[Any]], overrides) -> None:
+    """--set semantics. A key that is a grid axis replaces the axis by the one value. A key inside the
+    dict entries of an axis (`method.name` for an axis of methods) first keeps the entries that already
+    have that value; if none has, it is set in every entry. Any other key sets the base experiment.
+    Selections go before settings, so `--set method.interval=2 --set method.name=prunefl` works in
+    either order."""
+    settings = []
+    for key, value in overrides:
+        if key in grid:
+            grid[key] = [value]
+            continue
+        axis, sub = _dict_axis(grid, key)
+        kept = [e for e in grid[axis] if _get(e, sub) == value] if axis else []
+        if kept:
+            grid[axis] = kept
+        else:
+            settings.append((key, value))
+    for key, value in settings:
+        axis, sub = _dict_axis(grid, key)
+        if axis is None:
+            set_dotted(base, key, value)
+            continue
+        entries = []
+        for entry in grid[axis]:
+            set_dotted(entry, sub, value)
+            if entry not in entries:
+                entries.append(entry)
+        grid[axis] = entries
 
 
 def axis_label(value: Any) -> str:
@@ -320,9 +329,7 @@ def expand(raw: dict[str, Any], overrides: list[tuple[str, Any]] = ()) -> tuple[
     base, sweep = split_sweep(raw)
     base = copy.deepcopy(base)
     grid = copy.deepcopy(sweep.grid)
-    for key, value in overrides:
-        if not _apply_override_to_grid(grid, key, value):
-            set_dotted(base, key, value)
+    apply_overrides(base, grid, overrides)
     axes = list(grid)
     experiments: list[ExperimentConfig] = []
     names: set[str] = set()

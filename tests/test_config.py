@@ -91,5 +91,17 @@ def test_set_inside_a_dict_axis_keeps_the_matching_entries():
     assert len(expand(raw)[0]) == 2
     exps, _ = expand(raw, [("data.split.kind", "iid"), ("rounds", 3)])
     assert len(exps) == 1 and exps[0].data.split.kind == "iid" and exps[0].rounds == 3
-    exps, _ = expand(raw, [("data.split.kind", "dirichlet")])  # no entry matches: a plain override
-    assert len(exps) == 1 and exps[0].data.split.kind == "dirichlet"
+    exps, _ = expand(raw, [("data.split.kind", "dirichlet")])  # no entry matches: set in every entry
+    assert [e.data.split.kind for e in exps] == ["dirichlet", "dirichlet"]
+
+
+def test_set_selects_grid_entries_before_setting_their_parameters():
+    raw = {"name": "g", "grid": {"method": [{"name": "fedavg"}, {"name": "prunefl"}, {"name": "fedlps", "variant": "paper"},
+                                            {"name": "fedlps", "variant": "reference"}]}}
+    for order in ([("method.interval", 2), ("method.name", "prunefl")], [("method.name", "prunefl"), ("method.interval", 2)]):
+        exps, _ = expand(raw, order)
+        assert [(e.method.name, e.method.params()) for e in exps] == [("prunefl", {"interval": 2})]
+    exps, _ = expand(raw, [("method.name", "fedlps")])
+    assert [e.method.params()["variant"] for e in exps] == ["paper", "reference"]
+    exps, _ = expand(raw, [("method.name", "fedlps"), ("method.variant", "reference")])
+    assert [e.name for e in exps] == ["g"]
