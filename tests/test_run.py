@@ -44,11 +44,12 @@ def test_cli_quickstart_contract(tmp_path, capsys):
     code = main(["run", "sweeps/quickstart.yaml", "--set", "rounds=2", "--set", "method.name=fedavg",
                  "--set", "engine.backend=serial", "--set", "clients.per_round=3", "--out", str(out), "--quiet"])
     assert code == 0
-    folders = [p for p in out.iterdir() if p.is_dir()]
-    assert len(folders) == 1
-    for name in ("rounds.parquet", "clients.parquet", "summary.parquet", "config.yaml"):
-        assert (folders[0] / name).exists()
-    assert not list(folders[0].glob(".*")), "no temporary files left behind"
+    folders = sorted(p.name for p in out.iterdir() if p.is_dir())
+    assert folders == ["quickstart_1", "quickstart_2"]  # the method axis reduced to FedAvg; two seeds
+    for folder in folders:
+        for name in ("rounds.parquet", "clients.parquet", "summary.parquet", "config.yaml"):
+            assert (out / folder / name).exists()
+        assert not list((out / folder).glob(".*")), "no temporary files left behind"
     printed = capsys.readouterr().out
     assert "final acc %" in printed and "fedavg" in printed
 
