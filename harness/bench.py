@@ -3,7 +3,7 @@
 - serial: the serial engine, every client in this process, one torch thread;
 - limit: what the hardware allows: a multiprocessing pool of as many worker processes as the Ray
   pool has executors, one torch thread each, each holding the data, every round's tasks split into
-  equal contiguous halves (no per-client messaging at all);
+  equal contiguous parts, one message each way per worker and round (plain pickles);
 - ray: the Ray engine with the same number of executors and quota.
 
 Each does the same rounds from the same initial model (FedAvg's aggregation included), with one
@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import pickle
 import platform
 import statistics
 import sys
@@ -115,8 +116,11 @@ def _init_worker(cfg_json: str, threads: int) -> None:
     _worker_bench = Workbench(ExperimentConfig.model_validate_json(cfg_json))
 
 
-def _run_chunk(broadcast, tasks):
-    return [execute(_worker_bench.strategy, broadcast, t) for t in tasks]
+def _run_chunk(payload: bytes) -> bytes:
+    # Plain pickles both ways: multiprocessing's own pickler would move every tensor into a new
+    # shared-memory segment and pass its file descriptor, which costs more than copying the bytes.
+    broadcast, tasks = pickle.loads(payload)
+    return pickle.dumps([execute(_worker_bench.strategy, broadcast, t) for t in tasks], pickle.HIGHEST_PROTOCOL)
 
 
 def run_bench(clients_per_round: int = 10, rounds: int = 10, clients: int = 100, executors: int = 2,
@@ -137,8 +141,9 @@ def run_bench(clients_per_round: int = 10, rounds: int = 10, clients: int = 100,
         with ctx.Pool(executors, initializer=_init_worker, initargs=(cfg.model_dump_json(), threads)) as pool:
             def limit_run(broadcast, tasks):
                 size = -(-len(tasks) // executors)
-                halves = [tasks[i:i + size] for i in range(0, len(tasks), size)]
-                return [r for part in pool.starmap(_run_chunk, [(broadcast, h) for h in halves]) for r in part]
+                parts = [pickle.dumps((broadcast, tasks[i:i + size]), pickle.HIGHEST_PROTOCOL)
+                         for i in range(0, len(tasks), size)]
+                return [r for part in pool.map(_run_chunk, parts) for r in pickle.loads(part)]
             limit_s = _time(bench, rounds, limit_run)
 
         engine = RayEngine(cfg.engine)

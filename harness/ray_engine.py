@@ -2,10 +2,10 @@
 
 Clients are records, not actors: an executor that imported torch costs ~400 MB, so a pool of a few
 executors (each with a fractional CPU/GPU quota) serves hundreds to thousands of clients. Each executor
-builds the experiment's Workbench once (datasets, partition, model templates), receives the round's
-broadcast through the object store once per round, and trains lists of clients per call; the driver
-keeps a few calls in flight per executor so that no executor idles between calls. Results come back
-in task order, so aggregation order never depends on timing.
+builds the experiment's Workbench once (datasets, partition, model templates). Every round the
+broadcast goes into the object store once and each executor gets one call with its share of the
+clients, balanced by their training samples. Results come back in task order, so aggregation order
+never depends on timing.
 
 The pool lands in the current placement group when there is one (a Ray Tune trial reserves
 [driver bundle] + [executor bundle] * k), otherwise on the cluster at RAY_ADDRESS, otherwise on a local
@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
 
 from harness.config import EngineConfig, ExperimentConfig
 from harness.engine import execute, torch_threads
@@ -33,36 +32,22 @@ MAX_RESTARTS = 3  # per executor; a process that keeps dying is a bug to report,
 class Executor:
     """One pool member. Ray instantiates it in its own process with its quota."""
 
-    def __init__(self, cfg_json: str, cpus: float, use_cuda: bool):
+    def __init__(self, cfg_json: str, dataset, cpus: float, use_cuda: bool):
         import torch
 
         torch.set_num_threads(torch_threads(cpus))
         device = "cuda" if use_cuda and torch.cuda.is_available() else "cpu"
         from harness.workbench import Workbench
 
-        self.bench = Workbench(ExperimentConfig.model_validate_json(cfg_json), device=device)
-        self.round_key = None
-        self.broadcast = None
+        self.bench = Workbench(ExperimentConfig.model_validate_json(cfg_json), device=device, dataset=dataset)
 
     def ready(self) -> dict:
         import torch
 
         return {"pid": os.getpid(), "device": str(self.bench.device), "threads": torch.get_num_threads()}
 
-    def run(self, round_key: int, broadcast_ref: list, tasks: list[ClientTask]) -> list[ClientResult]:
-        import ray
-
-        if round_key != self.round_key:  # fetch the round's broadcast once, not once per call
-            self.broadcast = ray.get(broadcast_ref[0])
-            self.round_key = round_key
-        return [execute(self.bench.strategy, self.broadcast, t) for t in tasks]
-
-
-@dataclass
-class _Pool:
-    actors: list
-    cpus: float
-    gpus: float
+    def run(self, broadcast, tasks: list[ClientTask]) -> list[ClientResult]:
+        return [execute(self.bench.strategy, broadcast, t) for t in tasks]
 
 
 def connect(include_dashboard: bool = False) -> None:
@@ -109,8 +94,7 @@ class RayEngine:
 
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
-        self.pool: _Pool | None = None
-        self._round_key = 0
+        self.actors: list = []
 
     def start(self, bench) -> None:
         import ray
@@ -128,7 +112,10 @@ class RayEngine:
             num_cpus=cfg.cpus_per_executor, num_gpus=cfg.gpus_per_executor,
             max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS)
         cfg_json = bench.cfg.model_dump_json()
-        actors = [remote.remote(cfg_json, cfg.cpus_per_executor, use_cuda) for _ in range(n)]
+        # The driver's dataset goes into the object store once: executors on any node share it
+        # without reading files there (their nodes need no copy of data.root).
+        dataset_ref = ray.put(bench.dataset)
+        actors = [remote.remote(cfg_json, dataset_ref, cfg.cpus_per_executor, use_cuda) for _ in range(n)]
         ready = [a.ready.remote() for a in actors]
         done, pending = ray.wait(ready, num_returns=n, timeout=cfg.start_timeout_s)
         if pending:
@@ -139,55 +126,46 @@ class RayEngine:
                                       f"(asked {want_cpus:g} CPUs, {want_gpus:g} GPUs; {where}; free now: "
                                       f"{free.get('CPU', 0):g} CPUs, {free.get('GPU', 0):g} GPUs)")
         self.executor_info = ray.get(done)
-        self.pool = _Pool(actors, cfg.cpus_per_executor, cfg.gpus_per_executor)
+        # A client's work estimate for balancing: its training samples (the same epochs for all).
+        self.work = [c.num_samples for c in bench.clients]
+        self.actors = actors
         log.info("ray pool: %d executors %s", n, self.executor_info)
 
     def run(self, broadcast, tasks: list[ClientTask]) -> list[ClientResult]:
         import ray
         from ray.exceptions import RayActorError
 
-        actors = self.pool.actors
-        self._round_key += 1
-        broadcast_ref = [ray.put(broadcast)]
-        chunks = _chunks(tasks, len(actors))
-        results: list[list[ClientResult] | None] = [None] * len(chunks)
-        next_chunk = 0
-        in_flight: dict = {}
-
-        def submit(actor_index: int) -> None:
-            nonlocal next_chunk
-            ref = actors[actor_index].run.remote(self._round_key, broadcast_ref, chunks[next_chunk])
-            in_flight[ref] = (actor_index, next_chunk)
-            next_chunk += 1
-
-        for _ in range(2):  # two calls queued per executor: it starts the next while we collect one
-            for i in range(len(actors)):
-                if next_chunk < len(chunks):
-                    submit(i)
-        while in_flight:
-            (ref,), _ = ray.wait(list(in_flight), num_returns=1)
-            actor_index, chunk_index = in_flight.pop(ref)
+        broadcast_ref = ray.put(broadcast)
+        shares = balanced_shares([self.work[t.client_id] for t in tasks], len(self.actors))
+        calls = [(actor.run.remote(broadcast_ref, [tasks[i] for i in share]), share)
+                 for actor, share in zip(self.actors, shares) if share]
+        results: list[ClientResult | None] = [None] * len(tasks)
+        for ref, share in calls:
             try:
-                results[chunk_index] = ray.get(ref)
-            except RayActorError as e:  # restarts and retries were exhausted
-                msg = f"executor died: {type(e).__name__}"
-                results[chunk_index] = [ClientResult(t.client_id, t.round, status="error", error=msg)
-                                        for t in chunks[chunk_index]]
-            if next_chunk < len(chunks):
-                submit(actor_index)
-        return [r for chunk in results for r in chunk]
+                chunk = ray.get(ref)
+            except RayActorError as e:  # Ray's restarts and retries were exhausted
+                chunk = [ClientResult(tasks[i].client_id, tasks[i].round, status="error",
+                                      error=f"executor died: {type(e).__name__}") for i in share]
+            for i, result in zip(share, chunk):
+                results[i] = result
+        return results
 
     def close(self) -> None:
         import ray
 
-        if self.pool is not None:
-            for a in self.pool.actors:
-                ray.kill(a)
-            self.pool = None
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
 
 
-def _chunks(tasks: list, executors: int) -> list[list]:
-    """About four calls per executor per round: enough to balance uneven clients, few enough that
-    the per-call cost stays small."""
-    size = max(1, math.ceil(len(tasks) / (4 * executors)))
-    return [tasks[i:i + size] for i in range(0, len(tasks), size)]
+def balanced_shares(work: list[float], executors: int) -> list[list[int]]:
+    """Task indices per executor, balanced by estimated work (longest first to the least loaded),
+    each share in task order. One call per executor and round: on this workload a call costs as
+    much as a few local steps, so fewer, larger calls beat finer-grained balancing."""
+    loads = [0.0] * executors
+    shares: list[list[int]] = [[] for _ in range(executors)]
+    for i in sorted(range(len(work)), key=lambda i: (-work[i], i)):
+        k = min(range(executors), key=lambda e: (loads[e], e))
+        shares[k].append(i)
+        loads[k] += work[i]
+    return [sorted(share) for share in shares]

@@ -12,7 +12,7 @@ import torch
 
 from harness.config import ExperimentConfig, method_params
 from harness.cost import DeviceAssigner, FlopMeter
-from harness.data import ClientData, load_dataset, partition
+from harness.data import ClientData, Dataset, load_dataset, partition
 from harness.models import UnitModel, build_model, resolve_model_name
 from harness.seeding import seed_of, torch_generator
 from harness.strategy import Evaluation, Strategy, method_class
@@ -20,10 +20,10 @@ from harness.training import calibrate_batchnorm, correct_per_sample
 
 
 class Workbench:
-    def __init__(self, cfg: ExperimentConfig, device: str = "cpu"):
+    def __init__(self, cfg: ExperimentConfig, device: str = "cpu", dataset: Dataset | None = None):
         self.cfg = cfg
         self.device = torch.device(device)
-        self.dataset = load_dataset(cfg.data)
+        self.dataset = dataset if dataset is not None else load_dataset(cfg.data)
         self.clients: list[ClientData] = partition(
             self.dataset.y_train.numpy(), self.dataset.y_test.numpy(), cfg.data.split, cfg.clients.total, cfg.seed)
         self.num_classes = self.dataset.num_classes

@@ -80,7 +80,7 @@ def test_a_raising_client_is_recorded_and_the_round_goes_on(ray_session, config)
 
 
 def test_a_killed_executor_is_replaced_and_results_do_not_change(ray_session, config):
-    base = {"rounds": 3, "clients.per_round": 6, "train.epochs": 8}
+    base = {"rounds": 3, "clients.per_round": 6, "train.epochs": 20}
     reference = config(name="undisturbed", **base, **{"engine.backend": "serial"})
     Experiment(reference).run()
 
@@ -90,17 +90,25 @@ def test_a_killed_executor_is_replaced_and_results_do_not_change(ray_session, co
     victims = []
 
     def run_and_kill(broadcast, tasks):
-        if tasks[0].round == 1:  # kill executor 0's process while the round's calls are running
+        if tasks[0].round == 1:  # kill executor 0's process while it trains its share of the round
             pid = engine.executor_info[0]["pid"]
-            threading.Timer(0.05, os.kill, (pid, signal.SIGKILL)).start()
+            threading.Timer(0.1, os.kill, (pid, signal.SIGKILL)).start()
             victims.append(pid)
         return original_run(broadcast, tasks)
 
     engine.run = run_and_kill
     try:
         Experiment(cfg, engine=engine).run()
-        pids = ray_session.get([a.ready.remote() for a in engine.pool.actors])
+        pids = ray_session.get([a.ready.remote() for a in engine.actors])
     finally:
         engine.close()
     assert victims and victims[0] not in {p["pid"] for p in pids}  # replaced by a new process
     assert_same(read(reference), read(cfg))
+
+
+def test_shares_are_balanced_by_work_and_keep_task_order():
+    from harness.ray_engine import balanced_shares
+
+    assert balanced_shares([5, 1, 1, 1, 1, 1], 2) == [[0], [1, 2, 3, 4, 5]]
+    assert balanced_shares([2, 2, 2, 2], 2) == [[0, 2], [1, 3]]
+    assert balanced_shares([3], 4) == [[0], [], [], []]
