@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,7 @@ def run_sweep(experiments: list[ExperimentConfig], sweep: SweepFile, out: Path, 
 
     from harness.ray_engine import connect
 
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     connect()
     out = out.expanduser().resolve()
     bundles = trial_resources(sweep)
