@@ -105,3 +105,11 @@ def test_set_selects_grid_entries_before_setting_their_parameters():
     assert [e.method.params()["variant"] for e in exps] == ["paper", "reference"]
     exps, _ = expand(raw, [("method.name", "fedlps"), ("method.variant", "reference")])
     assert [e.name for e in exps] == ["g"]
+
+
+@pytest.mark.parametrize("path", sorted(__import__("pathlib").Path("sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_sweep_file_validates(path):
+    from harness.config import load
+
+    experiments, _ = load(path)
+    assert experiments and len({e.name for e in experiments}) == len(experiments)
