@@ -73,6 +73,7 @@ def test_overrides_parse_yaml_values():
     assert parse_override("rounds=5") == ("rounds", 5)
     assert parse_override("train.lr=1e-2") == ("train.lr", 0.01)
     assert parse_override("method.name=fedavg") == ("method.name", "fedavg")
+    assert parse_override("name=inf") == ("name", "inf")
     assert parse_override("method.clip_grad_norm=null") == ("method.clip_grad_norm", None)
 
 
