@@ -80,3 +80,20 @@ def test_restored_experiment_ends_with_the_uninterrupted_numbers(config, tmp_pat
     ca = pd.read_parquet(f"{whole.out}/whole/clients.parquet").drop(columns=["experiment"])
     cb = pd.read_parquet(f"{first.out}/cut/clients.parquet").drop(columns=["experiment"])
     pd.testing.assert_frame_equal(ca, cb)
+
+
+def test_disk_state_store_gives_the_memory_store_numbers(config, tmp_path):
+    from harness.state import DiskStore, MemoryStore
+
+    memory = config(name="mem", rounds=3, **{"method.name": "fedlps"})
+    disk = config(name="disk", rounds=3, **{"method.name": "fedlps", "engine.state_store": "disk"})
+    r_mem, c_mem = run(memory)
+    r_disk, c_disk = run(disk)
+    pd.testing.assert_frame_equal(r_mem.drop(columns=WALL + ["experiment"]), r_disk.drop(columns=WALL + ["experiment"]))
+    assert (tmp_path / "disk" / "client_state.sqlite").exists()
+    store = DiskStore(tmp_path / "disk" / "client_state.sqlite")
+    rows = store.export()
+    assert {ns for ns, _, _ in rows} == {"client", "bandit"} and len(rows) > 5
+    copy = MemoryStore()
+    copy.restore(rows)
+    assert copy.export() == rows and copy.nbytes() == store.nbytes()
