@@ -5,13 +5,13 @@ authors' code); the server takes the sample-weighted mean of the client models.
 """
 from __future__ import annotations
 
+from harness.batched import BatchedLocalSGD, LocalJob
 from harness.cost import training_flops
 from harness.strategy import ClientResult, ClientTask, Strategy
 from harness.submodel import Contribution, aggregate, state_bytes
-from harness.training import local_sgd
 
 
-class FedAvg(Strategy):
+class FedAvg(BatchedLocalSGD, Strategy):
     def setup(self, store):
         super().setup(store)
         self.global_state = self.bench.init_global_state()
@@ -19,13 +19,17 @@ class FedAvg(Strategy):
     def configure(self, rnd, clients):
         return self.global_state, [None] * len(clients)
 
-    def local_update(self, global_state, task: ClientTask) -> ClientResult:
+    # local_update = local_job, then local_sgd, then local_result (harness.batched.BatchedLocalSGD)
+    def local_job(self, global_state, task: ClientTask) -> LocalJob:
         bench = self.bench
         model = bench.load(bench.build(), global_state)
         x, y = bench.train_data(task.client_id)
-        stats = local_sgd(model, x, y, bench.cfg.train, bench.lr(task.round),
-                          bench.generator(task.round, task.client_id), clip_grad_norm=self.params.clip_grad_norm)
-        trained = {k: v.detach().cpu() for k, v in model.state_dict().items() if k in global_state}
+        return LocalJob(model, x, y, bench.cfg.train, bench.lr(task.round),
+                        bench.generator(task.round, task.client_id), clip_grad_norm=self.params.clip_grad_norm)
+
+    def local_result(self, global_state, task: ClientTask, job: LocalJob) -> ClientResult:
+        bench, stats, y = self.bench, job.stats, job.y
+        trained = {k: v.detach().cpu() for k, v in job.model.state_dict().items() if k in global_state}
         size = state_bytes(trained)
         return ClientResult(
             task.client_id, task.round, payload=trained, num_samples=len(y), train_loss=stats.loss,

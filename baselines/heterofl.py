@@ -37,11 +37,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from harness.batched import BatchedLocalSGD, LocalJob
 from harness.cost import training_flops
 from harness.models import prefix_width
 from harness.strategy import ClientResult, ClientTask, MethodParams, Strategy
 from harness.submodel import Contribution, IndexSets, State, aggregate, extract, prefix_index_sets, state_bytes
-from harness.training import local_sgd
 
 
 @dataclass
@@ -52,7 +52,7 @@ class SubmodelUpload:
     index_sets: IndexSets
 
 
-class HeteroFL(Strategy):
+class HeteroFL(BatchedLocalSGD, Strategy):
     class Params(MethodParams):
         clip_grad_norm: float | None = 5.0  # the FedLPS authors' HeteroFL and FedRolex scripts clip at 5
         scaler: bool = True
@@ -89,7 +89,9 @@ class HeteroFL(Strategy):
         """Which global units the submodel keeps in round `rnd`: the first ones of every group."""
         return prefix_index_sets(self.bench.full_widths, widths)
 
-    def local_update(self, global_state, task: ClientTask) -> ClientResult:
+    # local_update = local_job, then local_sgd, then local_result (harness.batched.BatchedLocalSGD);
+    # batched, the clients of equal submodel widths (and scaler) train together.
+    def local_job(self, global_state, task: ClientTask) -> LocalJob:
         bench, p = self.bench, self.params
         ratio = task.tier.cap
         widths = self.widths(ratio)
@@ -97,11 +99,15 @@ class HeteroFL(Strategy):
         sub_state = extract(global_state, bench.layout, index_sets)
         model = bench.load(bench.build(widths, norm=self.norm, rate=ratio if p.scaler else 1.0), sub_state)
         x, y = bench.train_data(task.client_id)
-        stats = local_sgd(model, x, y, bench.cfg.train, bench.lr(task.round),
-                          bench.generator(task.round, task.client_id),
-                          clip_grad_norm=p.clip_grad_norm,
-                          class_mask=bench.class_mask(task.client_id) if p.masked_ce else None)
-        trained = {k: v.detach().cpu() for k, v in model.state_dict().items() if k in sub_state}
+        class_mask = bench.class_mask(task.client_id).to(bench.device) if p.masked_ce else None
+        return LocalJob(model, x, y, bench.cfg.train, bench.lr(task.round), bench.generator(task.round, task.client_id),
+                        clip_grad_norm=p.clip_grad_norm, class_mask=class_mask,
+                        context=(ratio, widths, index_sets, set(sub_state)))
+
+    def local_result(self, global_state, task: ClientTask, job: LocalJob) -> ClientResult:
+        bench, stats, y = self.bench, job.stats, job.y
+        ratio, widths, index_sets, keys = job.context
+        trained = {k: v.detach().cpu() for k, v in job.model.state_dict().items() if k in keys}
         size = state_bytes(trained)
         return ClientResult(
             task.client_id, task.round, payload=SubmodelUpload(trained, index_sets), num_samples=len(y),

@@ -71,6 +71,7 @@ import torch
 import torch.nn as nn
 from pydantic import Field
 
+from harness.batched import BatchedLocalSGD, LocalJob, MaskedTraining
 from harness.cost import sparse_bytes, training_flops
 from harness.engine import threads, torch_threads
 from harness.errors import ConfigError
@@ -159,37 +160,9 @@ def density(masks: Masks) -> float:
 
 
 # -- masked local training -------------------------------------------------------------------------
-class MaskedTraining:
-    """local_sgd hooks: zero the pruned weights before every step (gradients stay dense) and
-    accumulate importance grad^2 x batch size, per coordinate for prunable weights and as one total
-    for every other parameter."""
-
-    def __init__(self, model: nn.Module, masks: Masks):
-        params = dict(model.named_parameters())
-        self.masked = [(params[n], m.to(params[n].device)) for n, m in masks.items()]
-        self.params = [(n, p) for n, p in params.items() if p.requires_grad]
-        self.importance = {n: torch.zeros_like(params[n]) for n in masks}
-        self._dense = torch.zeros((), dtype=torch.float64, device=next(model.parameters()).device)
-
-    @torch.no_grad()
-    def apply_masks(self) -> None:
-        for p, m in self.masked:
-            p.mul_(m)
-
-    @torch.no_grad()
-    def accumulate(self, batch_size: int) -> None:
-        for name, p in self.params:
-            if p.grad is None:
-                continue
-            sq = p.grad.pow(2).mul_(batch_size)
-            if name in self.importance:
-                self.importance[name] += sq
-            else:
-                self._dense += sq.sum()
-
-    @property
-    def dense_importance(self) -> float:
-        return float(self._dense)
+# MaskedTraining (harness/batched.py): local_sgd hooks that zero the pruned weights before every step
+# (gradients stay dense) and accumulate importance grad^2 x batch size, per coordinate for prunable
+# weights and as one total for every other parameter; batched training computes the same.
 
 
 def train_masked(model: nn.Module, masks: Masks, x: torch.Tensor, y: torch.Tensor, train, lr: float,
@@ -204,7 +177,7 @@ def train_masked(model: nn.Module, masks: Masks, x: torch.Tensor, y: torch.Tenso
 
 
 # -- the strategy ----------------------------------------------------------------------------------
-class PruneFL(Strategy):
+class PruneFL(BatchedLocalSGD, Strategy):
     class Params(MethodParams):  # clip_grad_norm: None, as PruneFL does not clip
         interval: int = Field(50, gt=0, description="federated rounds between reconfigurations")
         drop_fraction: float = Field(0.3, ge=0, lt=1, description="d at t = 0")
@@ -372,18 +345,25 @@ class PruneFL(Strategy):
         return forward, nbytes
 
     # -- client side -------------------------------------------------------------------------------
-    def local_update(self, broadcast, task: ClientTask) -> ClientResult:
+    # local_update = local_job, then local_sgd, then local_result (harness.batched.BatchedLocalSGD):
+    # the job's weight masks and importance are train_masked's hooks, and batch as well.
+    def local_job(self, broadcast, task: ClientTask) -> LocalJob:
         bench = self.bench
         global_state, masks = broadcast["state"], broadcast["masks"]
         model = bench.load(bench.build(), global_state)
         x, y = bench.train_data(task.client_id)
-        stats, hooks = train_masked(model, masks, x, y, bench.cfg.train, bench.lr(task.round),
-                                    bench.generator(task.round, task.client_id), self.params.clip_grad_norm)
-        trained = {k: v.detach().cpu() for k, v in model.state_dict().items() if k in global_state}
+        return LocalJob(model, x, y, bench.cfg.train, bench.lr(task.round), bench.generator(task.round, task.client_id),
+                        clip_grad_norm=self.params.clip_grad_norm,
+                        weight_masks={n: m.to(bench.device) for n, m in masks.items()}, importance=True)
+
+    def local_result(self, broadcast, task: ClientTask, job: LocalJob) -> ClientResult:
+        global_state, masks = broadcast["state"], broadcast["masks"]
+        stats, y = job.stats, job.y
+        trained = {k: v.detach().cpu() for k, v in job.model.state_dict().items() if k in global_state}
         forward, nbytes = self.sparse_cost(masks)
         share = density(masks)
-        payload = {"state": trained, "importance": {n: g.cpu() for n, g in hooks.importance.items()},
-                   "dense_importance": hooks.dense_importance}
+        payload = {"state": trained, "importance": {n: g.cpu() for n, g in job.grad_importance.items()},
+                   "dense_importance": job.dense_importance}
         return ClientResult(
             task.client_id, task.round, payload=payload, num_samples=len(y), train_loss=stats.loss,
             train_acc=stats.accuracy, keep_ratio=share, flops=training_flops(forward, stats.samples),

@@ -63,6 +63,7 @@ from pydantic import Field, model_validator
 from fedlps.masks import (fixed_masks, init_scores_paper, init_scores_reference, keep_widths, score_masks,
                           score_regularizer, straight_through)
 from fedlps.pucbv import PUCBV
+from harness.batched import BatchedLocalSGD, LocalJob
 from harness.cost import training_flops
 from harness.seeding import rng, seed_of
 from harness.strategy import ClientResult, ClientTask, Evaluation, MethodParams, Strategy
@@ -101,7 +102,7 @@ class FedLPSParams(MethodParams):
         return self
 
 
-class FedLPS(Strategy):
+class FedLPS(BatchedLocalSGD, Strategy):
     Params = FedLPSParams
 
     # -- server ------------------------------------------------------------------------------------
@@ -191,7 +192,10 @@ class FedLPS(Strategy):
             return {g: s.clone() for g, s in task.state.items()}
         return init_scores_paper(unit_l1_norms(global_state, bench.layout), p.score_init_noise, generator)
 
-    def local_update(self, global_state, task: ClientTask) -> ClientResult:
+    # local_update = local_job, then local_sgd, then local_result (harness.batched.BatchedLocalSGD).
+    # Masks fixed for the round (random, magnitude, ordered) batch: they are plain unit and update
+    # masks. Learnable masks change before every minibatch through hooks: those clients train alone.
+    def local_job(self, global_state, task: ClientTask) -> LocalJob:
         bench, p = self.bench, self.params
         rho = float(task.instruction["keep_ratio"])
         generator = bench.generator(task.round, task.client_id)
@@ -245,10 +249,22 @@ class FedLPS(Strategy):
             current["coords"] = coordinate_masks(bench.layout, param_shapes, hard)
             model.unit_masks = hard
 
-        stats = local_sgd(model, x, y, bench.cfg.train, lr, generator,
-                          extra_params=list(scores.values()),
-                          extra_lr=p.score_lr if p.score_lr is not None else lr,
-                          clip_grad_norm=p.clip_grad_norm, update_masks=lambda: current["coords"], **hooks)
+        if learnable:
+            hooks.update(extra_params=list(scores.values()), extra_lr=p.score_lr if p.score_lr is not None else lr)
+            update_masks = lambda: current["coords"]  # noqa: E731 - recomputed before every minibatch
+        else:
+            update_masks = current["coords"]
+        # train_fn: this module's local_sgd (tests wrap it); anything else than harness's runs alone
+        return LocalJob(model, x, y, bench.cfg.train, lr, generator, clip_grad_norm=p.clip_grad_norm,
+                        update_masks=update_masks, hooks=hooks, train_fn=local_sgd,
+                        context=dict(rho=rho, widths=widths, current=current, scores=scores, learnable=learnable,
+                                     paper=paper))
+
+    def local_result(self, global_state, task: ClientTask, job: LocalJob) -> ClientResult:
+        bench = self.bench
+        model, stats, y = job.model, job.stats, job.y
+        rho, widths, current, scores = (job.context[k] for k in ("rho", "widths", "current", "scores"))
+        learnable, paper = job.context["learnable"], job.context["paper"]
 
         # The personalised model: the trained weights with the mask of the last minibatch (the one
         # its weights were trained under; the scores have moved one step since).

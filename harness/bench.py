@@ -1,14 +1,25 @@
-"""`fedbench bench`: seconds per round of the same training on three executions, in one run.
+"""`fedbench bench`: seconds per round of the same training on four executions, in one run.
 
-- serial: the serial engine, every client in this process, one torch thread;
+- serial: the serial engine, every client in this process one after another, one torch thread;
+- batched: the same in-process loop with `engine.batch_clients` on: the round's clients that share
+  a model shape train as one vmapped program (harness/batched.py), from CUDA graphs on a GPU where
+  `engine.cuda_graphs` allows;
 - limit: what the hardware allows: a multiprocessing pool of as many worker processes as the Ray
   pool has executors, one torch thread each, each holding the data, every round's tasks split into
   equal contiguous parts, one message each way per worker and round (plain pickles);
-- ray: the Ray engine with the same number of executors and quota.
+- ray: the Ray engine with the same number of executors and quota (on CUDA, each executor gets an
+  equal share of one GPU).
 
-Each does the same rounds from the same initial model (FedAvg's aggregation included), with one
-warm-up round that is not timed. The peak resident memory of the whole process tree (driver, pool
-workers, Ray's own processes, executors) is sampled throughout.
+serial, limit and ray train the clients one by one. Each does the same rounds from the same initial
+model (FedAvg's aggregation included), with one warm-up round that is not timed. The peak resident
+memory of the whole process tree (driver, pool workers, Ray's own processes, executors) is sampled
+throughout.
+
+Workloads (`--workload`): `mnist`, the paper's MNIST CNN on mnist-5k; `cifar`, VGG-11 with static
+BN on CIFAR-10 when torchvision's copy is under the default data root (~/.cache/fedbench/data),
+otherwise on a synthetic CIFAR-shaped data set (uint8 3x32x32 images drawn from a fixed seed,
+written to a temporary folder for the run and labelled as synthetic in the output): the speed of
+training does not depend on pixel values.
 """
 from __future__ import annotations
 
@@ -19,30 +30,81 @@ import pickle
 import platform
 import statistics
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import psutil
 
-from harness.config import expand
+from harness.config import DataConfig, expand
 from harness.engine import SerialEngine, execute, torch_threads
+from harness.errors import ConfigError, UserError
 from harness.seeding import rng
 from harness.state import MemoryStore
 from harness.strategy import ClientSlot, ClientTask
 from harness.workbench import Workbench
 
+WORKLOADS = ("mnist", "cifar")
+SYNTHETIC_CIFAR = dict(train=10000, test=2000, seed=0)
 
-def workload(clients: int, clients_per_round: int, executors: int, cpus_per_executor: float):
-    """The paper's MNIST CNN on mnist-5k, 2 shards per client, batch 10, one local epoch, FedAvg.
-    With more than 100 clients the shards shrink so that the 4000 training images go round."""
-    shard = min(20, 4000 // (2 * clients))
+
+def workload(clients: int, clients_per_round: int, executors: int, cpus_per_executor: float,
+             name: str = "mnist", dataset: str | None = None, device: str = "cpu", epochs: int = 1):
+    """mnist: the paper's MNIST CNN on mnist-5k, 2 shards per client, batch 10, FedAvg; with more
+    than 100 clients the shards shrink so that the 4000 training images go round.
+    cifar: VGG-11 with static BN on `dataset` (CIFAR-10 or the synthetic set), 2 shards of up to 50
+    images per client, batch 20, FedAvg. Local epochs: `epochs` (default 1).
+    On CUDA the Ray executors share one GPU in equal parts."""
+    if name == "mnist":
+        shard = min(20, 4000 // (2 * clients))
+        data, model, batch = "mnist-5k", {"name": "cnn"}, 10
+    elif name == "cifar":
+        train_images = SYNTHETIC_CIFAR["train"] if dataset.startswith("npz:") else 50000
+        shard = min(50, train_images // (2 * clients))
+        data, model, batch = dataset, {"name": "vgg11", "norm": "sbn"}, 20
+    else:
+        raise UserError("--workload", f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
+    engine = {"backend": "ray", "executors": executors, "cpus_per_executor": cpus_per_executor,
+              "device": device, "batch_clients": False}
+    if device == "cuda":
+        engine["gpus_per_executor"] = 1.0 / executors
     raw = {"name": "bench", "seed": 1, "rounds": 1000,
-           "data": {"dataset": "mnist-5k", "split": {"kind": "shards", "shards_per_client": 2, "shard_size": shard}},
-           "clients": {"total": clients, "per_round": clients_per_round}, "model": {"name": "cnn"},
-           "train": {"epochs": 1, "batch_size": 10}, "method": {"name": "fedavg"},
-           "engine": {"backend": "ray", "executors": executors, "cpus_per_executor": cpus_per_executor}}
+           "data": {"dataset": data, "split": {"kind": "shards", "shards_per_client": 2, "shard_size": shard}},
+           "clients": {"total": clients, "per_round": clients_per_round}, "model": model,
+           "train": {"epochs": epochs, "batch_size": batch}, "method": {"name": "fedavg"}, "engine": engine}
     return expand(raw)[0][0]
+
+
+def cifar_dataset(folder: str | Path) -> tuple[str, str]:
+    """(data.dataset value, label): CIFAR-10 from the default data root if it is there, otherwise a
+    synthetic CIFAR-shaped set written as an npz file into `folder`."""
+    from harness.data import load_dataset
+
+    try:
+        load_dataset(DataConfig(dataset="cifar10"))
+        return "cifar10", f"cifar10 (from {DataConfig().root})"
+    except ConfigError:
+        pass
+    spec = SYNTHETIC_CIFAR
+    gen = np.random.default_rng(spec["seed"])
+    path = Path(folder) / "synthetic-cifar.npz"
+    np.savez(path, x_train=gen.integers(0, 256, (spec["train"], 32, 32, 3), dtype=np.uint8),
+             y_train=np.arange(spec["train"]) % 10,
+             x_test=gen.integers(0, 256, (spec["test"], 32, 32, 3), dtype=np.uint8),
+             y_test=np.arange(spec["test"]) % 10)
+    return f"npz:{path}", (f"synthetic CIFAR-shaped data ({spec['train']} train / {spec['test']} test uint8 "
+                           f"3x32x32 images, 10 classes, seed {spec['seed']}; no CIFAR-10 under {DataConfig().root})")
+
+
+def require_device(device: str) -> None:
+    import torch
+
+    if device not in ("cpu", "cuda"):
+        raise UserError("--device", f"expected cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device", "cuda was asked for, but torch sees no CUDA device on this machine")
 
 
 class PeakRSS:
@@ -106,14 +168,14 @@ def _time(bench: Workbench, rounds: int, run) -> float:
 _worker_bench: Workbench | None = None
 
 
-def _init_worker(cfg_json: str, threads: int) -> None:
+def _init_worker(cfg_json: str, threads: int, device: str = "cpu") -> None:
     global _worker_bench
     import torch
 
     from harness.config import ExperimentConfig
 
     torch.set_num_threads(threads)
-    _worker_bench = Workbench(ExperimentConfig.model_validate_json(cfg_json))
+    _worker_bench = Workbench(ExperimentConfig.model_validate_json(cfg_json), device=device)
 
 
 def _run_chunk(payload: bytes) -> bytes:
@@ -124,44 +186,61 @@ def _run_chunk(payload: bytes) -> bytes:
 
 
 def run_bench(clients_per_round: int = 10, rounds: int = 10, clients: int = 100, executors: int = 2,
-              cpus_per_executor: float = 1.0) -> dict:
+              cpus_per_executor: float = 1.0, workload_name: str = "mnist", device: str = "cpu",
+              epochs: int = 1) -> dict:
     import torch
 
+    from harness.batched import cuda_graphs_enabled
     from harness.ray_engine import RayEngine
 
-    cfg = workload(clients, clients_per_round, executors, cpus_per_executor)
-    bench = Workbench(cfg)
-    threads = torch_threads(cpus_per_executor)
-    with PeakRSS() as memory:
-        serial = SerialEngine(cfg.engine)
-        serial.start(bench)
-        serial_s = _time(bench, rounds, serial.run)
+    require_device(device)
+    with tempfile.TemporaryDirectory(prefix="fedbench-bench-") as folder:
+        dataset, dataset_label = (None, "mnist-5k") if workload_name == "mnist" else cifar_dataset(folder)
+        cfg = workload(clients, clients_per_round, executors, cpus_per_executor, workload_name, dataset, device, epochs)
+        bench = Workbench(cfg, device=device)
+        threads = torch_threads(cpus_per_executor)
+        with PeakRSS() as memory:
+            serial = SerialEngine(cfg.engine)
+            serial.start(bench)
+            serial_s = _time(bench, rounds, serial.run)
 
-        ctx = mp.get_context("forkserver")
-        with ctx.Pool(executors, initializer=_init_worker, initargs=(cfg.model_dump_json(), threads)) as pool:
-            def limit_run(broadcast, tasks):
-                size = -(-len(tasks) // executors)
-                parts = [pickle.dumps((broadcast, tasks[i:i + size]), pickle.HIGHEST_PROTOCOL)
-                         for i in range(0, len(tasks), size)]
-                return [r for part in pool.map(_run_chunk, parts) for r in pickle.loads(part)]
-            limit_s = _time(bench, rounds, limit_run)
+            batched = SerialEngine(cfg.engine.model_copy(update={"batch_clients": True}))
+            batched.start(bench)
+            batched_s = _time(bench, rounds, batched.run)
 
-        engine = RayEngine(cfg.engine)
-        engine.start(bench)
-        try:
-            ray_s = _time(bench, rounds, engine.run)
-        finally:
-            engine.close()
+            ctx = mp.get_context("forkserver")
+            with ctx.Pool(executors, initializer=_init_worker,
+                          initargs=(cfg.model_dump_json(), threads, device)) as pool:
+                def limit_run(broadcast, tasks):
+                    size = -(-len(tasks) // executors)
+                    parts = [pickle.dumps((broadcast, tasks[i:i + size]), pickle.HIGHEST_PROTOCOL)
+                             for i in range(0, len(tasks), size)]
+                    return [r for part in pool.map(_run_chunk, parts) for r in pickle.loads(part)]
+                limit_s = _time(bench, rounds, limit_run)
+
+            engine = RayEngine(cfg.engine)
+            engine.start(bench)
+            try:
+                ray_s = _time(bench, rounds, engine.run)
+            finally:
+                engine.close()
     import ray
 
+    t = cfg.train
     return {
         "clients": clients, "clients_per_round": clients_per_round, "rounds_timed": rounds,
         "executors": executors, "cpus_per_executor": cpus_per_executor,
         "serial_s_per_round": round(serial_s, 4), "limit_s_per_round": round(limit_s, 4),
         "ray_s_per_round": round(ray_s, 4), "ray_vs_limit": round(ray_s / limit_s, 3),
         "ray_vs_serial": round(ray_s / serial_s, 3), "peak_rss_mb": round(memory.peak / 2**20, 1),
+        "batched_s_per_round": round(batched_s, 4), "batched_vs_serial": round(batched_s / serial_s, 3),
+        "workload": workload_name, "device": device, "dataset": dataset_label, "model": bench.model_name,
+        "norm": cfg.model.norm, "epochs": t.epochs, "batch_size": t.batch_size,
+        "gpus_per_executor": cfg.engine.gpus_per_executor,
+        "cuda_graphs": cuda_graphs_enabled(cfg.engine, device),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
-                    "torch": torch.__version__, "ray": ray.__version__},
+                    "torch": torch.__version__, "ray": ray.__version__,
+                    "gpu": torch.cuda.get_device_name() if device == "cuda" else None},
     }
 
 
@@ -170,10 +249,16 @@ def print_bench(result: dict, as_json: bool) -> None:
         print(json.dumps(result))
         return
     r = result
-    print(f"workload: MNIST CNN on mnist-5k, {r['clients']} clients, {r['clients_per_round']} per round, "
-          f"FedAvg, batch 10, 1 epoch; {r['executors']} executors x {r['cpus_per_executor']:g} CPU; "
-          f"median of {r['rounds_timed']} rounds after a warm-up")
+    model = {"cnn": "MNIST CNN", "vgg11": f"VGG-11 ({ {'sbn': 'static BN'}.get(r['norm'], r['norm'])})"}.get(
+        r["model"], r["model"])
+    print(f"workload: {model} on {r['dataset']}, {r['clients']} clients, {r['clients_per_round']} "
+          f"per round, FedAvg, batch {r['batch_size']}, {r['epochs']} epoch(s); device {r['device']}; "
+          f"{r['executors']} executors x {r['cpus_per_executor']:g} CPU"
+          + (f" x {r['gpus_per_executor']:g} GPU" if r["gpus_per_executor"] else "")
+          + f"; median of {r['rounds_timed']} rounds after a warm-up")
     print(f"  serial          {r['serial_s_per_round']:.4f} s/round")
+    print(f"  batched         {r['batched_s_per_round']:.4f} s/round   batched/serial {r['batched_vs_serial']:.3f}"
+          f"   CUDA graphs {'on' if r['cuda_graphs'] else 'off'}")
     print(f"  limit (procs)   {r['limit_s_per_round']:.4f} s/round")
     print(f"  ray             {r['ray_s_per_round']:.4f} s/round   ray/limit {r['ray_vs_limit']:.3f}   "
           f"ray/serial {r['ray_vs_serial']:.3f}")

@@ -114,6 +114,13 @@ class EngineConfig(Strict):
     state_store: Literal["memory", "disk"] = "memory"
     include_dashboard: bool = False
     start_timeout_s: float = Field(60.0, gt=0)
+    batch_clients: Literal["auto", True, False] = Field(
+        "auto", description="train the clients of a call that share a model shape as one batched program "
+                            "(harness/batched.py; same results as one by one); auto: on where the executor's "
+                            "device is CUDA, off on CPU")
+    cuda_graphs: Literal["auto", True, False] = Field(
+        "auto", description="replay the batched local step from a captured CUDA graph; auto and true: on where "
+                            "the device is CUDA (and batch_clients is on), never on CPU")
 
     @field_validator("executors")
     @classmethod

@@ -1,8 +1,11 @@
 """Engines execute a round's client tasks. The serial engine runs them in this process; the Ray
-engine (harness/ray_engine.py) on a pool of executor actors. Both call `execute` on each task and
-return the results in task order, so the same config gives the same numbers on either."""
+engine (harness/ray_engine.py) on a pool of executor actors. Both run their tasks through
+`execute_tasks` (each task through `execute`, or all of them through the strategy's
+`local_update_batch` when `engine.batch_clients` is on) and return the results in task order, so
+the same config gives the same numbers on either."""
 from __future__ import annotations
 
+import logging
 import math
 import traceback
 from contextlib import contextmanager
@@ -11,6 +14,8 @@ import torch
 
 from harness.config import EngineConfig
 from harness.strategy import ClientResult, ClientTask, Strategy
+
+log = logging.getLogger(__name__)
 
 
 def torch_threads(cpus: float) -> int:
@@ -29,15 +34,49 @@ def threads(n: int):
         torch.set_num_threads(before)
 
 
+def failed_result(task: ClientTask, e: BaseException) -> ClientResult:
+    """The failed result of `task`, naming the exception and where it was raised."""
+    last = traceback.extract_tb(e.__traceback__)[-1:] or [None]
+    where = f" at {last[0].filename.rsplit('/', 1)[-1]}:{last[0].lineno}" if last[0] else ""
+    return ClientResult(task.client_id, task.round, status="error", error=f"{type(e).__name__}: {e}{where}")
+
+
 def execute(strategy: Strategy, broadcast, task: ClientTask) -> ClientResult:
     """Run one client task; an exception becomes a failed result, never a failed round."""
     try:
         result = strategy.local_update(broadcast, task)
     except Exception as e:  # noqa: BLE001 - a client's failure is data, not a crash
-        last = traceback.extract_tb(e.__traceback__)[-1:] or [None]
-        where = f" at {last[0].filename.rsplit('/', 1)[-1]}:{last[0].lineno}" if last[0] else ""
-        return ClientResult(task.client_id, task.round, status="error", error=f"{type(e).__name__}: {e}{where}")
+        return failed_result(task, e)
     return result
+
+
+def batching_enabled(cfg: EngineConfig, device) -> bool:
+    """engine.batch_clients for an executor on `device`: 'auto' is on with CUDA, off on CPU."""
+    if cfg.batch_clients == "auto":
+        return torch.device(device).type == "cuda"
+    return bool(cfg.batch_clients)
+
+
+def execute_batch(strategy: Strategy, broadcast, tasks: list[ClientTask]) -> list[ClientResult]:
+    """All tasks through the strategy's `local_update_batch` (results in task order, a raising client
+    a failed result). Should the call itself raise, or answer out of order, the tasks run one by
+    one through `execute`, so that only a faulty client fails."""
+    try:
+        results = strategy.local_update_batch(broadcast, tasks)
+        if [(r.client_id, r.round) for r in results] != [(t.client_id, t.round) for t in tasks]:
+            raise RuntimeError("local_update_batch returned results that do not match the tasks in order")
+        return results
+    except Exception as e:  # noqa: BLE001 - retried one by one
+        log.warning("batched execution of %d tasks failed (%s: %s); running them one by one",
+                    len(tasks), type(e).__name__, e)
+        return [execute(strategy, broadcast, t) for t in tasks]
+
+
+def execute_tasks(strategy: Strategy, broadcast, tasks: list[ClientTask], batch: bool) -> list[ClientResult]:
+    """A call's tasks, batched or one by one; results in task order either way."""
+    if batch and tasks:
+        return execute_batch(strategy, broadcast, tasks)
+    return [execute(strategy, broadcast, t) for t in tasks]
 
 
 class SerialEngine:
@@ -46,14 +85,16 @@ class SerialEngine:
     name = "serial"
 
     def __init__(self, cfg: EngineConfig):
+        self.cfg = cfg
         self.threads = torch_threads(cfg.cpus_per_executor)
 
     def start(self, bench) -> None:
         self.strategy = bench.strategy
+        self.batch = batching_enabled(self.cfg, bench.device)
 
     def run(self, broadcast, tasks: list[ClientTask]) -> list[ClientResult]:
         with threads(self.threads):
-            return [execute(self.strategy, broadcast, t) for t in tasks]
+            return execute_tasks(self.strategy, broadcast, tasks, self.batch)
 
     def close(self) -> None:
         pass

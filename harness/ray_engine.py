@@ -20,7 +20,7 @@ import os
 import time
 
 from harness.config import EngineConfig, ExperimentConfig
-from harness.engine import execute, torch_threads
+from harness.engine import batching_enabled, execute_tasks, torch_threads
 from harness.errors import UserError
 from harness.strategy import ClientResult, ClientTask
 
@@ -47,7 +47,8 @@ class Executor:
         return {"pid": os.getpid(), "device": str(self.bench.device), "threads": torch.get_num_threads()}
 
     def run(self, broadcast, tasks: list[ClientTask]) -> list[ClientResult]:
-        return [execute(self.bench.strategy, broadcast, t) for t in tasks]
+        batch = batching_enabled(self.bench.cfg.engine, self.bench.device)
+        return execute_tasks(self.bench.strategy, broadcast, tasks, batch)
 
 
 def connect(include_dashboard: bool = False) -> None:

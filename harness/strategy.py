@@ -127,6 +127,15 @@ class Strategy:
     def local_update(self, broadcast: Any, task: ClientTask) -> ClientResult:
         raise NotImplementedError
 
+    def local_update_batch(self, broadcast: Any, tasks: list[ClientTask]) -> list[ClientResult]:
+        """Several clients' local updates at once (when `engine.batch_clients` is on), with the same
+        results as `local_update` on each: in task order, a client that raises as a failed result.
+        This default runs them one by one; methods whose clients can train as one program opt in
+        through harness.batched.BatchedLocalSGD."""
+        from harness.engine import execute  # the engine imports this module
+
+        return [execute(self, broadcast, t) for t in tasks]
+
 
 @functools.cache
 def _methods() -> dict[str, Any]:
