@@ -11,9 +11,10 @@
   equal share of one GPU).
 
 serial, limit and ray train the clients one by one. Each does the same rounds from the same initial
-model (FedAvg's aggregation included), with one warm-up round that is not timed. The peak resident
-memory of the whole process tree (driver, pool workers, Ray's own processes, executors) is sampled
-throughout.
+model (FedAvg's aggregation included), with one warm-up round that is not timed. The peak memory of
+the whole process tree during the Ray run (driver, Ray's own processes, executors) is reported as
+`peak_rss_mb` (summed RSS) and `peak_pss_mb` (summed PSS, see PeakMemory); `limit_peak_rss_mb` is the
+same during the process-pool run.
 
 Workloads (`--workload`): `mnist`, the paper's MNIST CNN on mnist-5k; `cifar`, VGG-11 with static
 BN on CIFAR-10 when torchvision's copy is under the default data root (~/.cache/fedbench/data),
@@ -107,23 +108,29 @@ def require_device(device: str) -> None:
         raise UserError("--device", "cuda was asked for, but torch sees no CUDA device on this machine")
 
 
-class PeakRSS:
-    """Samples the resident memory of this process and all its descendants."""
+class PeakMemory:
+    """Samples the memory of this process and all its descendants: the sum of their resident set
+    sizes (RSS; a page shared by several processes, such as torch's libraries, counts once per
+    process) and, where the system reports it, of their proportional set sizes (PSS; a shared page
+    counts once in all, split among its processes: the physical memory the tree holds)."""
 
-    def __init__(self, interval: float = 0.1):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+    def __init__(self, interval: float = 0.25):
+        self.interval, self.peak_rss, self.peak_pss = interval, 0, 0
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
         me = psutil.Process()
         while not self._stop.is_set():
-            total = 0
+            rss = pss = 0
             for p in [me, *me.children(recursive=True)]:
                 try:
-                    total += p.memory_info().rss
+                    info = p.memory_full_info()
                 except psutil.Error:
-                    pass
-            self.peak = max(self.peak, total)
+                    continue
+                rss += info.rss
+                pss += getattr(info, "pss", 0)
+            self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
             self._stop.wait(self.interval)
 
     def __enter__(self):
@@ -199,25 +206,26 @@ def run_bench(clients_per_round: int = 10, rounds: int = 10, clients: int = 100,
         cfg = workload(clients, clients_per_round, executors, cpus_per_executor, workload_name, dataset, device, epochs)
         bench = Workbench(cfg, device=device)
         threads = torch_threads(cpus_per_executor)
-        with PeakRSS() as memory:
-            serial = SerialEngine(cfg.engine)
-            serial.start(bench)
-            serial_s = _time(bench, rounds, serial.run)
+        serial = SerialEngine(cfg.engine)
+        serial.start(bench)
+        serial_s = _time(bench, rounds, serial.run)
 
-            batched = SerialEngine(cfg.engine.model_copy(update={"batch_clients": True}))
-            batched.start(bench)
-            batched_s = _time(bench, rounds, batched.run)
+        batched = SerialEngine(cfg.engine.model_copy(update={"batch_clients": True}))
+        batched.start(bench)
+        batched_s = _time(bench, rounds, batched.run)
 
-            ctx = mp.get_context("forkserver")
-            with ctx.Pool(executors, initializer=_init_worker,
-                          initargs=(cfg.model_dump_json(), threads, device)) as pool:
-                def limit_run(broadcast, tasks):
-                    size = -(-len(tasks) // executors)
-                    parts = [pickle.dumps((broadcast, tasks[i:i + size]), pickle.HIGHEST_PROTOCOL)
-                             for i in range(0, len(tasks), size)]
-                    return [r for part in pool.map(_run_chunk, parts) for r in pickle.loads(part)]
-                limit_s = _time(bench, rounds, limit_run)
+        # The same memory sampler runs beside the limit and the Ray runs, so both pay its cost.
+        ctx = mp.get_context("forkserver")
+        with PeakMemory() as limit_memory, ctx.Pool(executors, initializer=_init_worker,
+                                                     initargs=(cfg.model_dump_json(), threads, device)) as pool:
+            def limit_run(broadcast, tasks):
+                size = -(-len(tasks) // executors)
+                parts = [pickle.dumps((broadcast, tasks[i:i + size]), pickle.HIGHEST_PROTOCOL)
+                         for i in range(0, len(tasks), size)]
+                return [r for part in pool.map(_run_chunk, parts) for r in pickle.loads(part)]
+            limit_s = _time(bench, rounds, limit_run)
 
+        with PeakMemory() as memory:
             engine = RayEngine(cfg.engine)
             engine.start(bench)
             try:
@@ -232,7 +240,8 @@ def run_bench(clients_per_round: int = 10, rounds: int = 10, clients: int = 100,
         "executors": executors, "cpus_per_executor": cpus_per_executor,
         "serial_s_per_round": round(serial_s, 4), "limit_s_per_round": round(limit_s, 4),
         "ray_s_per_round": round(ray_s, 4), "ray_vs_limit": round(ray_s / limit_s, 3),
-        "ray_vs_serial": round(ray_s / serial_s, 3), "peak_rss_mb": round(memory.peak / 2**20, 1),
+        "ray_vs_serial": round(ray_s / serial_s, 3), "peak_rss_mb": round(memory.peak_rss / 2**20, 1),
+        "peak_pss_mb": round(memory.peak_pss / 2**20, 1), "limit_peak_rss_mb": round(limit_memory.peak_rss / 2**20, 1),
         "batched_s_per_round": round(batched_s, 4), "batched_vs_serial": round(batched_s / serial_s, 3),
         "workload": workload_name, "device": device, "dataset": dataset_label, "model": bench.model_name,
         "norm": cfg.model.norm, "epochs": t.epochs, "batch_size": t.batch_size,
@@ -262,4 +271,5 @@ def print_bench(result: dict, as_json: bool) -> None:
     print(f"  limit (procs)   {r['limit_s_per_round']:.4f} s/round")
     print(f"  ray             {r['ray_s_per_round']:.4f} s/round   ray/limit {r['ray_vs_limit']:.3f}   "
           f"ray/serial {r['ray_vs_serial']:.3f}")
-    print(f"  peak RSS of the process tree: {r['peak_rss_mb']:.0f} MB")
+    print(f"  peak memory of the process tree during the Ray run: {r['peak_rss_mb']:.0f} MB summed RSS, "
+          f"{r['peak_pss_mb']:.0f} MB summed PSS (shared pages counted once)")
