@@ -10,11 +10,13 @@
 - ray: the Ray engine with the same number of executors and quota (on CUDA, each executor gets an
   equal share of one GPU).
 
-serial, limit and ray train the clients one by one. Each does the same rounds from the same initial
-model (FedAvg's aggregation included), with one warm-up round that is not timed. The peak memory of
+serial, limit and ray train the clients one by one. All do the same rounds from the same initial
+model (FedAvg's aggregation included), with one warm-up round that is not timed; serial and batched
+take turns on every round, and so do limit and ray (both pools are up, only one works at a time), so
+that a drift in the machine's speed affects each pair alike. The peak memory of
 the whole process tree during the Ray run (driver, Ray's own processes, executors) is reported as
-`peak_rss_mb` (summed RSS) and `peak_pss_mb` (summed PSS, see PeakMemory); `limit_peak_rss_mb` is the
-same during the process-pool run.
+`peak_rss_mb` (summed RSS) and `peak_pss_mb` (summed PSS, see PeakMemory), sampled while the pool
+starts and over two further rounds (not while rounds are timed).
 
 Workloads (`--workload`): `mnist`, the paper's MNIST CNN on mnist-5k; `cifar`, VGG-11 with static
 BN on CIFAR-10 when torchvision's copy is under the default data root (~/.cache/fedbench/data),
@@ -114,10 +116,8 @@ class PeakMemory:
     process) and, where the system reports it, of their proportional set sizes (PSS; a shared page
     counts once in all, split among its processes: the physical memory the tree holds)."""
 
-    def __init__(self, interval: float = 0.25):
+    def __init__(self, interval: float = 0.1):
         self.interval, self.peak_rss, self.peak_pss = interval, 0, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
         me = psutil.Process()
@@ -133,7 +133,9 @@ class PeakMemory:
             self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
             self._stop.wait(self.interval)
 
-    def __enter__(self):
+    def __enter__(self):  # may be entered several times: the peaks are over all of them
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
 
@@ -156,20 +158,24 @@ def _rounds(bench: Workbench, rounds: int):
         strategy.aggregate(rnd, [r for r in results if r.ok])
 
 
-def _time(bench: Workbench, rounds: int, run) -> float:
-    """Median seconds per timed round of `run(broadcast, tasks)` (round 0 is the warm-up)."""
-    times = []
+def _time(bench: Workbench, rounds: int, *runs) -> list[float]:
+    """Median seconds per timed round of each `run(broadcast, tasks)` (round 0 is the warm-up).
+    Several runs take turns on every round's tasks (in alternating order), so that a change in the
+    machine's speed during the measurement affects them alike; they compute the same results."""
+    times: list[list[float]] = [[] for _ in runs]
     loop = _rounds(bench, rounds)
     rnd, broadcast, tasks = next(loop)
     while True:
-        start = time.perf_counter()
-        results = run(broadcast, tasks)
-        if rnd > 0:
-            times.append(time.perf_counter() - start)
+        order = list(range(len(runs)))[::(-1) ** rnd]
+        for k in order:
+            start = time.perf_counter()
+            results = runs[k](broadcast, tasks)
+            if rnd > 0:
+                times[k].append(time.perf_counter() - start)
         try:
             rnd, broadcast, tasks = loop.send(results)
         except StopIteration:
-            return statistics.median(times)
+            return [statistics.median(t) for t in times]
 
 
 _worker_bench: Workbench | None = None
@@ -208,30 +214,30 @@ def run_bench(clients_per_round: int = 10, rounds: int = 10, clients: int = 100,
         threads = torch_threads(cpus_per_executor)
         serial = SerialEngine(cfg.engine)
         serial.start(bench)
-        serial_s = _time(bench, rounds, serial.run)
-
         batched = SerialEngine(cfg.engine.model_copy(update={"batch_clients": True}))
         batched.start(bench)
-        batched_s = _time(bench, rounds, batched.run)
+        serial_s, batched_s = _time(bench, rounds, serial.run, batched.run)
 
-        # The same memory sampler runs beside the limit and the Ray runs, so both pay its cost.
-        ctx = mp.get_context("forkserver")
-        with PeakMemory() as limit_memory, ctx.Pool(executors, initializer=_init_worker,
-                                                     initargs=(cfg.model_dump_json(), threads, device)) as pool:
-            def limit_run(broadcast, tasks):
-                size = -(-len(tasks) // executors)
-                parts = [pickle.dumps((broadcast, tasks[i:i + size]), pickle.HIGHEST_PROTOCOL)
-                         for i in range(0, len(tasks), size)]
-                return [r for part in pool.map(_run_chunk, parts) for r in pickle.loads(part)]
-            limit_s = _time(bench, rounds, limit_run)
-
-        with PeakMemory() as memory:
-            engine = RayEngine(cfg.engine)
-            engine.start(bench)
-            try:
-                ray_s = _time(bench, rounds, engine.run)
-            finally:
-                engine.close()
+        # Memory is sampled while the Ray pool starts and over two rounds after the timed ones, with
+        # the process pool gone: reading every process's memory map costs CPU the executors would miss.
+        memory = PeakMemory()
+        engine = RayEngine(cfg.engine)
+        try:
+            with memory:
+                engine.start(bench)
+            ctx = mp.get_context("spawn")  # no server process left behind to count in the Ray run
+            with ctx.Pool(executors, initializer=_init_worker,
+                          initargs=(cfg.model_dump_json(), threads, device)) as pool:
+                def limit_run(broadcast, tasks):
+                    size = -(-len(tasks) // executors)
+                    parts = [pickle.dumps((broadcast, tasks[i:i + size]), pickle.HIGHEST_PROTOCOL)
+                             for i in range(0, len(tasks), size)]
+                    return [r for part in pool.map(_run_chunk, parts) for r in pickle.loads(part)]
+                limit_s, ray_s = _time(bench, rounds, limit_run, engine.run)
+            with memory:
+                _time(bench, 2, engine.run)
+        finally:
+            engine.close()
     import ray
 
     t = cfg.train
@@ -241,7 +247,7 @@ def run_bench(clients_per_round: int = 10, rounds: int = 10, clients: int = 100,
         "serial_s_per_round": round(serial_s, 4), "limit_s_per_round": round(limit_s, 4),
         "ray_s_per_round": round(ray_s, 4), "ray_vs_limit": round(ray_s / limit_s, 3),
         "ray_vs_serial": round(ray_s / serial_s, 3), "peak_rss_mb": round(memory.peak_rss / 2**20, 1),
-        "peak_pss_mb": round(memory.peak_pss / 2**20, 1), "limit_peak_rss_mb": round(limit_memory.peak_rss / 2**20, 1),
+        "peak_pss_mb": round(memory.peak_pss / 2**20, 1),
         "batched_s_per_round": round(batched_s, 4), "batched_vs_serial": round(batched_s / serial_s, 3),
         "workload": workload_name, "device": device, "dataset": dataset_label, "model": bench.model_name,
         "norm": cfg.model.norm, "epochs": t.epochs, "batch_size": t.batch_size,

@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to train (default cpu); with cuda the Ray executors share one GPU in equal parts")
     b.add_argument("--epochs", type=int, default=1, help="local epochs per client and round (default 1)")
     b.add_argument("--clients-per-round", type=int, default=10, help="clients sampled per round (default 10)")
-    b.add_argument("--rounds", type=int, default=10, help="timed rounds per execution (default 10)")
+    b.add_argument("--rounds", type=int, default=20, help="timed rounds per execution (default 20)")
     b.add_argument("--clients", type=int, default=100, help="clients in total (default 100)")
     b.add_argument("--executors", type=int, default=2, help="Ray executors and pool processes (default 2)")
     b.add_argument("--cpus-per-executor", type=float, default=1.0, help="CPU quota per executor (default 1)")

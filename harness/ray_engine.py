@@ -9,8 +9,8 @@ never depends on timing.
 
 The pool lands in the current placement group when there is one (a Ray Tune trial reserves
 [driver bundle] + [executor bundle] * k), otherwise on the cluster at RAY_ADDRESS, otherwise on a local
-Ray started on demand. Executors are restarted by Ray if their process dies, and their unfinished
-calls are retried (the calls are pure functions of their inputs, so the results do not change).
+Ray started on demand. An executor whose process dies is replaced and its call of the round rerun on
+the new one (calls are pure functions of their inputs, so the results do not change).
 """
 from __future__ import annotations
 
@@ -26,15 +26,17 @@ from harness.strategy import ClientResult, ClientTask
 
 log = logging.getLogger(__name__)
 
-MAX_RESTARTS = 3  # per executor; a process that keeps dying is a bug to report, not to retry forever
+MAX_RESTARTS = 3  # per call; a process that keeps dying is a bug to report, not to retry forever
 
 
 class Executor:
     """One pool member. Ray instantiates it in its own process with its quota."""
 
-    def __init__(self, cfg_json: str, dataset, cpus: float, use_cuda: bool):
+    def __init__(self, cfg_json: str, dataset_ref: list, cpus: float, use_cuda: bool):
+        import ray
         import torch
 
+        dataset = ray.get(dataset_ref[0])
         torch.set_num_threads(torch_threads(cpus))
         device = "cuda" if use_cuda and torch.cuda.is_available() else "cpu"
         from harness.workbench import Workbench
@@ -96,6 +98,7 @@ class RayEngine:
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
         self.actors: list = []
+        self.executor_info: list[dict] = []
 
     def start(self, bench) -> None:
         import ray
@@ -108,46 +111,68 @@ class RayEngine:
         if want_cpus > cpus + 1e-9 or want_gpus > gpus + 1e-9:
             raise UserError("engine", f"{n} executors x ({cfg.cpus_per_executor:g} CPU, {cfg.gpus_per_executor:g} GPU) "
                                       f"ask for {want_cpus:g} CPUs and {want_gpus:g} GPUs, but {where}")
-        use_cuda = cfg.gpus_per_executor > 0 and cfg.device != "cpu"
-        remote = ray.remote(Executor).options(
-            num_cpus=cfg.cpus_per_executor, num_gpus=cfg.gpus_per_executor,
-            max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS)
-        cfg_json = bench.cfg.model_dump_json()
+        self._where = where
+        self._remote = ray.remote(Executor).options(num_cpus=cfg.cpus_per_executor, num_gpus=cfg.gpus_per_executor)
         # The driver's dataset goes into the object store once: executors on any node share it
         # without reading files there (their nodes need no copy of data.root).
-        dataset_ref = ray.put(bench.dataset)
-        actors = [remote.remote(cfg_json, dataset_ref, cfg.cpus_per_executor, use_cuda) for _ in range(n)]
+        self._args = (bench.cfg.model_dump_json(), [ray.put(bench.dataset)], cfg.cpus_per_executor,
+                      cfg.gpus_per_executor > 0 and cfg.device != "cpu")
+        self.actors = [self._remote.remote(*self._args) for _ in range(n)]
+        self.executor_info = self._wait_ready(self.actors)
+        # A client's work estimate for balancing: its training samples (the same epochs for all).
+        self.work = [c.num_samples for c in bench.clients]
+        log.info("ray pool: %d executors %s", n, self.executor_info)
+
+    def _wait_ready(self, actors: list) -> list[dict]:
+        import ray
+
+        cfg = self.cfg
         ready = [a.ready.remote() for a in actors]
-        done, pending = ray.wait(ready, num_returns=n, timeout=cfg.start_timeout_s)
+        done, pending = ray.wait(ready, num_returns=len(ready), timeout=cfg.start_timeout_s)
         if pending:
             for a in actors:
                 ray.kill(a)
             free = ray.available_resources()
-            raise UserError("engine", f"{len(pending)} of {n} executors did not start within {cfg.start_timeout_s:g} s "
-                                      f"(asked {want_cpus:g} CPUs, {want_gpus:g} GPUs; {where}; free now: "
+            raise UserError("engine", f"{len(pending)} of {len(actors)} executors did not start within "
+                                      f"{cfg.start_timeout_s:g} s ({cfg.cpus_per_executor:g} CPU, "
+                                      f"{cfg.gpus_per_executor:g} GPU each; {self._where}; free now: "
                                       f"{free.get('CPU', 0):g} CPUs, {free.get('GPU', 0):g} GPUs)")
-        self.executor_info = ray.get(done)
-        # A client's work estimate for balancing: its training samples (the same epochs for all).
-        self.work = [c.num_samples for c in bench.clients]
-        self.actors = actors
-        log.info("ray pool: %d executors %s", n, self.executor_info)
+        return ray.get(ready)
+
+    def _replace(self, k: int) -> None:
+        """A new executor in place of executor k, whose process died."""
+        import ray
+
+        ray.kill(self.actors[k])
+        self.actors[k] = self._remote.remote(*self._args)
+        self.executor_info[k] = self._wait_ready([self.actors[k]])[0]
+        log.warning("executor %d died and was replaced by process %d", k, self.executor_info[k]["pid"])
 
     def run(self, broadcast, tasks: list[ClientTask]) -> list[ClientResult]:
         import ray
         from ray.exceptions import RayActorError
 
-        broadcast_ref = ray.put(broadcast)
+        # A small broadcast travels inside the calls; a larger one goes into the object store once.
+        broadcast_ref = broadcast if _nbytes(broadcast) < INLINE_BYTES else ray.put(broadcast)
         shares = balanced_shares([self.work[t.client_id] for t in tasks], len(self.actors))
-        calls = [(actor.run.remote(broadcast_ref, [tasks[i] for i in share]), share)
-                 for actor, share in zip(self.actors, shares) if share]
+        calls = {k: self.actors[k].run.remote(broadcast_ref, [tasks[i] for i in share])
+                 for k, share in enumerate(shares) if share}
         results: list[ClientResult | None] = [None] * len(tasks)
-        for ref, share in calls:
-            try:
-                chunk = ray.get(ref)
-            except RayActorError as e:  # Ray's restarts and retries were exhausted
-                chunk = [ClientResult(tasks[i].client_id, tasks[i].round, status="error",
-                                      error=f"executor died: {type(e).__name__}") for i in share]
-            for i, result in zip(share, chunk):
+        for k, ref in calls.items():
+            share = [tasks[i] for i in shares[k]]
+            for attempt in range(MAX_RESTARTS + 1):
+                try:
+                    chunk = ray.get(ref)
+                    break
+                except RayActorError as e:  # the process died: the same calls on a new executor
+                    if attempt == MAX_RESTARTS:
+                        chunk = [ClientResult(t.client_id, t.round, status="error",
+                                              error=f"executor died {attempt + 1} times: {type(e).__name__}")
+                                 for t in share]
+                        break
+                    self._replace(k)
+                    ref = self.actors[k].run.remote(broadcast_ref, share)
+            for i, result in zip(shares[k], chunk):
                 results[i] = result
         return results
 
@@ -157,6 +182,20 @@ class RayEngine:
         for a in self.actors:
             ray.kill(a)
         self.actors = []
+
+
+INLINE_BYTES = 96 * 1024  # below Ray's limit for arguments sent inside a call (100 KiB)
+
+
+def _nbytes(value) -> int:
+    """Bytes of the tensors and arrays in a (nested) broadcast; other values count as small."""
+    if hasattr(value, "nbytes"):
+        return int(value.nbytes)
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    return 0
 
 
 def balanced_shares(work: list[float], executors: int) -> list[list[int]]:
