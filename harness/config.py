@@ -105,6 +105,15 @@ class DevicesConfig(Strict):
         return self
 
 
+class ExecutorGroup(Strict):
+    """Executors of their own, with their own quota, for the clients of some tiers (Ray engine)."""
+
+    tiers: list[str] = Field(min_length=1)
+    executors: int = Field(1, gt=0)
+    cpus_per_executor: float = Field(1.0, gt=0)
+    gpus_per_executor: float = Field(0.0, ge=0)
+
+
 class EngineConfig(Strict):
     backend: Literal["serial", "ray"] = "ray"
     executors: int | Literal["auto"] = "auto"
@@ -121,6 +130,9 @@ class EngineConfig(Strict):
     cuda_graphs: Literal["auto", True, False] = Field(
         "auto", description="replay the batched local step from a captured CUDA graph; auto and true: on where "
                             "the device is CUDA (and batch_clients is on), never on CPU")
+    groups: list[ExecutorGroup] = Field(
+        default_factory=list, description="per-tier executor groups: a weak tier gets a smaller share of the "
+                                          "machine; clients of other tiers use the main pool")
 
     @field_validator("executors")
     @classmethod
@@ -154,6 +166,19 @@ class ExperimentConfig(Strict):
     method: MethodConfig = MethodConfig()
     engine: EngineConfig = EngineConfig()
     out: str = "results/runs"
+
+    @model_validator(mode="after")
+    def _groups_name_tiers(self):
+        known = {t.name for t in self.devices.tiers}
+        seen: set[str] = set()
+        for i, group in enumerate(self.engine.groups):
+            for tier in group.tiers:
+                if tier not in known:
+                    raise ValueError(f"engine.groups.{i}.tiers: unknown tier {tier!r} (tiers: {', '.join(sorted(known))})")
+                if tier in seen:
+                    raise ValueError(f"engine.groups.{i}.tiers: tier {tier!r} is in two groups")
+                seen.add(tier)
+        return self
 
     @field_validator("name")
     @classmethod
@@ -243,6 +268,9 @@ def _raise_validation(err: ValidationError, prefix: str = "") -> None:
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     msg = msg.removeprefix("Value error, ")
+    named = re.match(r"([A-Za-z_][\w.]*): (.*)", msg)
+    if not first["loc"] and named:  # a check across sections names its field in its message
+        field, msg = ".".join(x for x in (prefix, named.group(1)) if x), named.group(2)
     more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
     raise ConfigError(field, msg + more) from None
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
+from dataclasses import dataclass, field
 
 from harness.config import EngineConfig, ExperimentConfig
 from harness.engine import batching_enabled, execute_tasks, torch_threads
@@ -92,61 +92,101 @@ def pool_size(cfg: EngineConfig, cpus: float, gpus: float) -> int:
     return max(1, fits)
 
 
+@dataclass
+class Pool:
+    """Executors of one quota, for the clients of `tiers` (None: the tiers of no group)."""
+
+    tiers: frozenset[str] | None
+    executors: int
+    cpus: float
+    gpus: float
+    actors: list = field(default_factory=list)
+    info: list[dict] = field(default_factory=list)
+
+    def describe(self) -> str:
+        return f"{self.executors} executors x ({self.cpus:g} CPU, {self.gpus:g} GPU)"
+
+
+def plan_pools(cfg: EngineConfig, tier_names: list[str], cpus: float, gpus: float) -> list[Pool]:
+    """One pool per `engine.groups` entry, and the main pool for the tiers of no group (with
+    `executors: auto` it takes what the groups leave)."""
+    pools = [Pool(frozenset(g.tiers), g.executors, g.cpus_per_executor, g.gpus_per_executor) for g in cfg.groups]
+    if set(tier_names) - {t for g in cfg.groups for t in g.tiers}:
+        left_cpus = max(cpus - sum(p.executors * p.cpus for p in pools), 0.0)
+        left_gpus = max(gpus - sum(p.executors * p.gpus for p in pools), 0.0)
+        pools.append(Pool(None, pool_size(cfg, left_cpus, left_gpus), cfg.cpus_per_executor, cfg.gpus_per_executor))
+    return pools
+
+
 class RayEngine:
     name = "ray"
 
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
-        self.actors: list = []
-        self.executor_info: list[dict] = []
+        self.pools: list[Pool] = []
+
+    @property
+    def actors(self) -> list:
+        return [a for pool in self.pools for a in pool.actors]
+
+    @property
+    def executor_info(self) -> list[dict]:
+        return [i for pool in self.pools for i in pool.info]
 
     def start(self, bench) -> None:
         import ray
 
         connect(self.cfg.include_dashboard)
-        cfg = self.cfg
-        cpus, gpus, where = _capacity()
-        n = pool_size(cfg, cpus, gpus)
-        want_cpus, want_gpus = n * cfg.cpus_per_executor, n * cfg.gpus_per_executor
+        cpus, gpus, self._where = _capacity()
+        pools = plan_pools(self.cfg, [t.name for t in bench.cfg.devices.tiers], cpus, gpus)
+        want_cpus = sum(p.executors * p.cpus for p in pools)
+        want_gpus = sum(p.executors * p.gpus for p in pools)
         if want_cpus > cpus + 1e-9 or want_gpus > gpus + 1e-9:
-            raise UserError("engine", f"{n} executors x ({cfg.cpus_per_executor:g} CPU, {cfg.gpus_per_executor:g} GPU) "
-                                      f"ask for {want_cpus:g} CPUs and {want_gpus:g} GPUs, but {where}")
-        self._where = where
-        self._remote = ray.remote(Executor).options(num_cpus=cfg.cpus_per_executor, num_gpus=cfg.gpus_per_executor)
+            raise UserError("engine", f"{' + '.join(p.describe() for p in pools)} ask for {want_cpus:g} CPUs and "
+                                      f"{want_gpus:g} GPUs, but {self._where}")
         # The driver's dataset goes into the object store once: executors on any node share it
         # without reading files there (their nodes need no copy of data.root).
-        self._args = (bench.cfg.model_dump_json(), [ray.put(bench.dataset)], cfg.cpus_per_executor,
-                      cfg.gpus_per_executor > 0 and cfg.device != "cpu")
-        self.actors = [self._remote.remote(*self._args) for _ in range(n)]
-        self.executor_info = self._wait_ready(self.actors)
+        self._shared = (bench.cfg.model_dump_json(), [ray.put(bench.dataset)])
+        self.pools = pools
+        for pool in pools:
+            pool.actors = [self._spawn(pool) for _ in range(pool.executors)]
+        for pool in pools:
+            pool.info = self._wait_ready(pool, pool.actors)
+        self.pool_of_tier = {t.name: next(p for p in pools if p.tiers is None or t.name in p.tiers)
+                             for t in bench.cfg.devices.tiers}
         # A client's work estimate for balancing: its training samples (the same epochs for all).
         self.work = [c.num_samples for c in bench.clients]
-        log.info("ray pool: %d executors %s", n, self.executor_info)
+        log.info("ray pools: %s", [(p.describe(), sorted(p.tiers or []), p.info) for p in pools])
 
-    def _wait_ready(self, actors: list) -> list[dict]:
+    def _spawn(self, pool: Pool):
         import ray
 
-        cfg = self.cfg
+        use_cuda = pool.gpus > 0 and self.cfg.device != "cpu"
+        remote = ray.remote(Executor).options(num_cpus=pool.cpus, num_gpus=pool.gpus)
+        return remote.remote(*self._shared, pool.cpus, use_cuda)
+
+    def _wait_ready(self, pool: Pool, actors: list) -> list[dict]:
+        import ray
+
+        timeout = self.cfg.start_timeout_s
         ready = [a.ready.remote() for a in actors]
-        done, pending = ray.wait(ready, num_returns=len(ready), timeout=cfg.start_timeout_s)
+        _, pending = ray.wait(ready, num_returns=len(ready), timeout=timeout)
         if pending:
-            for a in actors:
-                ray.kill(a)
+            self.close()
             free = ray.available_resources()
-            raise UserError("engine", f"{len(pending)} of {len(actors)} executors did not start within "
-                                      f"{cfg.start_timeout_s:g} s ({cfg.cpus_per_executor:g} CPU, "
-                                      f"{cfg.gpus_per_executor:g} GPU each; {self._where}; free now: "
-                                      f"{free.get('CPU', 0):g} CPUs, {free.get('GPU', 0):g} GPUs)")
+            raise UserError("engine", f"{len(pending)} of {len(actors)} executors ({pool.cpus:g} CPU, {pool.gpus:g} GPU "
+                                      f"each) did not start within {timeout:g} s; {self._where}; free now: "
+                                      f"{free.get('CPU', 0):g} CPUs, {free.get('GPU', 0):g} GPUs")
         return ray.get(ready)
 
-    def _replace(self, k: int) -> None:
-        """A new executor in place of executor k, whose process died."""
+    def _replace(self, pool: Pool, k: int) -> None:
+        """A new executor in place of executor k of `pool`, whose process died."""
         import ray
 
-        ray.kill(self.actors[k])
-        self.actors[k] = self._remote.remote(*self._args)
-        self.executor_info[k] = self._wait_ready([self.actors[k]])[0]
-        log.warning("executor %d died and was replaced by process %d", k, self.executor_info[k]["pid"])
+        ray.kill(pool.actors[k])
+        pool.actors[k] = self._spawn(pool)
+        pool.info[k] = self._wait_ready(pool, [pool.actors[k]])[0]
+        log.warning("an executor died and was replaced by process %d", pool.info[k]["pid"])
 
     def run(self, broadcast, tasks: list[ClientTask]) -> list[ClientResult]:
         import ray
@@ -154,12 +194,17 @@ class RayEngine:
 
         # A small broadcast travels inside the calls; a larger one goes into the object store once.
         broadcast_ref = broadcast if _nbytes(broadcast) < INLINE_BYTES else ray.put(broadcast)
-        shares = balanced_shares([self.work[t.client_id] for t in tasks], len(self.actors))
-        calls = {k: self.actors[k].run.remote(broadcast_ref, [tasks[i] for i in share])
-                 for k, share in enumerate(shares) if share}
+        calls = []  # (pool, executor, indices of its tasks, the call)
+        for pool in self.pools:
+            mine = [i for i, t in enumerate(tasks) if self.pool_of_tier[t.tier.name] is pool]
+            shares = balanced_shares([self.work[tasks[i].client_id] for i in mine], len(pool.actors))
+            for k, share in enumerate(shares):
+                if share:
+                    indices = [mine[j] for j in share]
+                    calls.append((pool, k, indices, pool.actors[k].run.remote(broadcast_ref, [tasks[i] for i in indices])))
         results: list[ClientResult | None] = [None] * len(tasks)
-        for k, ref in calls.items():
-            share = [tasks[i] for i in shares[k]]
+        for pool, k, indices, ref in calls:
+            share = [tasks[i] for i in indices]
             for attempt in range(MAX_RESTARTS + 1):
                 try:
                     chunk = ray.get(ref)
@@ -170,9 +215,9 @@ class RayEngine:
                                               error=f"executor died {attempt + 1} times: {type(e).__name__}")
                                  for t in share]
                         break
-                    self._replace(k)
-                    ref = self.actors[k].run.remote(broadcast_ref, share)
-            for i, result in zip(shares[k], chunk):
+                    self._replace(pool, k)
+                    ref = pool.actors[k].run.remote(broadcast_ref, share)
+            for i, result in zip(indices, chunk):
                 results[i] = result
         return results
 
@@ -181,7 +226,7 @@ class RayEngine:
 
         for a in self.actors:
             ray.kill(a)
-        self.actors = []
+        self.pools = []
 
 
 INLINE_BYTES = 96 * 1024  # below Ray's limit for arguments sent inside a call (100 KiB)

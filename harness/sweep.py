@@ -27,12 +27,25 @@ REPORTED = ("round", "acc_clients_mean", "acc_global", "train_loss", "sim_total_
             "bytes_up_total", "bytes_down_total", "wall_total_s", "density", "keep_ratio_mean")
 
 
-def trial_resources(sweep: SweepFile) -> list[dict[str, float]]:
+def trial_engine(cfg: ExperimentConfig, sweep: SweepFile) -> ExperimentConfig:
+    """The experiment as a trial runs it: the Ray engine with the sweep's executors and quota (and
+    the experiment's own per-tier executor groups, if any)."""
     t = sweep.tune
-    executor = {"CPU": t.cpus_per_executor}
-    if t.gpus_per_executor:
-        executor["GPU"] = t.gpus_per_executor
-    return [{"CPU": t.driver_cpus}] + [dict(executor) for _ in range(t.executors_per_trial)]
+    engine = cfg.engine.model_copy(update=dict(backend="ray", executors=t.executors_per_trial,
+                                               cpus_per_executor=t.cpus_per_executor,
+                                               gpus_per_executor=t.gpus_per_executor))
+    return cfg.model_copy(update=dict(engine=engine))
+
+
+def trial_resources(cfg: ExperimentConfig, driver_cpus: float) -> list[dict[str, float]]:
+    """[driver bundle] + one bundle per executor of every pool of the trial's engine."""
+    from harness.ray_engine import plan_pools
+
+    bundles = [{"CPU": driver_cpus}]
+    for pool in plan_pools(cfg.engine, [t.name for t in cfg.devices.tiers], math.inf, math.inf):
+        bundle = {"CPU": pool.cpus, **({"GPU": pool.gpus} if pool.gpus else {})}
+        bundles += [dict(bundle) for _ in range(pool.executors)]
+    return bundles
 
 
 def check_fits(bundles: list[dict[str, float]]) -> None:
@@ -44,9 +57,9 @@ def check_fits(bundles: list[dict[str, float]]) -> None:
     need = {r: sum(b.get(r, 0) for b in bundles) for r in ("CPU", "GPU")}
     for r, amount in need.items():
         if amount > total.get(r, 0) + 1e-9:
-            raise UserError("tune", f"one trial asks for {amount:g} {r}s ({len(bundles) - 1} executors x "
-                                    f"{bundles[-1].get(r, 0) if len(bundles) > 1 else 0:g} + driver "
-                                    f"{bundles[0].get(r, 0):g}), but the cluster has {total.get(r, 0):g}")
+            raise UserError("tune", f"one trial asks for {amount:g} {r}s ({len(bundles) - 1} executors: "
+                                    f"{sum(b.get(r, 0) for b in bundles[1:]):g}, driver: {bundles[0].get(r, 0):g}), "
+                                    f"but the cluster has {total.get(r, 0):g}")
     for b in bundles:
         if not any(all(node.get(r, 0) + 1e-9 >= v for r, v in b.items()) for node in nodes):
             raise UserError("tune", f"no node of the cluster can hold a bundle of {b}")
@@ -92,17 +105,15 @@ def run_sweep(experiments: list[ExperimentConfig], sweep: SweepFile, out: Path, 
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     connect()
     out = out.expanduser().resolve()
-    bundles = trial_resources(sweep)
-    check_fits(bundles)
     t = sweep.tune
-    trials = {}
+    trials, bundles = {}, {}
     for cfg in experiments:
-        engine = cfg.engine.model_copy(update=dict(backend="ray", executors=t.executors_per_trial,
-                                                   cpus_per_executor=t.cpus_per_executor,
-                                                   gpus_per_executor=t.gpus_per_executor))
-        trials[cfg.name] = cfg.model_copy(update=dict(engine=engine, out=str(out))).model_dump(mode="json")
+        cfg = trial_engine(cfg, sweep).model_copy(update=dict(out=str(out)))
+        bundles[cfg.name] = trial_resources(cfg, t.driver_cpus)
+        check_fits(bundles[cfg.name])
+        trials[cfg.name] = cfg.model_dump(mode="json")
     trainable = tune.with_resources(tune.with_parameters(run_trial, experiments=trials),
-                                    tune.PlacementGroupFactory(bundles))
+                                    lambda config: tune.PlacementGroupFactory(bundles[config["experiment"]]))
     storage = out / "_tune"
     experiment_dir = storage / name
     if resume is None:

@@ -112,3 +112,39 @@ def test_shares_are_balanced_by_work_and_keep_task_order():
     assert balanced_shares([5, 1, 1, 1, 1, 1], 2) == [[0], [1, 2, 3, 4, 5]]
     assert balanced_shares([2, 2, 2, 2], 2) == [[0, 2], [1, 3]]
     assert balanced_shares([3], 4) == [[0], [], [], []]
+
+
+def test_pools_per_tier_group_by_hand():
+    from harness.config import EngineConfig
+    from harness.ray_engine import plan_pools
+
+    weak = {"tiers": ["e", "d"], "executors": 2, "cpus_per_executor": 0.5}
+    pools = plan_pools(EngineConfig(groups=[weak]), list("edcba"), cpus=4, gpus=0)
+    assert [(p.tiers, p.executors, p.cpus) for p in pools] == [(frozenset("ed"), 2, 0.5), (None, 3, 1.0)]
+    everyone = [weak, {"tiers": ["c", "b", "a"], "executors": 1, "cpus_per_executor": 2}]
+    assert [p.tiers for p in plan_pools(EngineConfig(groups=everyone), list("edcba"), 4, 0)] == [
+        frozenset("ed"), frozenset("cba")]  # no main pool: every tier has a group
+
+
+def test_tier_groups_run_weak_tiers_on_their_own_smaller_executors(ray_session, config):
+    base = {"rounds": 2, "clients.per_round": 8}
+    serial = config(name="serial_g", **base, **{"engine.backend": "serial"})
+    Experiment(serial).run()
+    groups = [{"tiers": ["e", "d"], "executors": 2, "cpus_per_executor": 0.5}]
+    cfg = config(name="groups", **base, **{"engine.backend": "ray", "engine.executors": 1, "engine.groups": groups})
+    engine = RayEngine(cfg.engine)
+    try:
+        Experiment(cfg, engine=engine).run()
+        assert [(p.executors, p.cpus) for p in engine.pools] == [(2, 0.5), (1, 1.0)]
+        assert ray_session.available_resources().get("CPU", 0) == pytest.approx(2.0)  # 4 - 2 x 0.5 - 1
+        assert engine.pool_of_tier["e"] is engine.pools[0] and engine.pool_of_tier["a"] is engine.pools[1]
+    finally:
+        engine.close()
+    assert_same(read(serial), read(cfg))  # one torch thread everywhere: the same numbers
+
+
+def test_group_tiers_must_exist(config):
+    from harness.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="engine.groups.0.tiers: unknown tier 'z'"):
+        config(**{"engine.groups": [{"tiers": ["z"]}]})

@@ -86,3 +86,16 @@ def test_plots_are_written(tmp_path):
     files = plot(tmp_path)
     assert {f.name for f in files} == {"s_acc_vs_time.png", "s_acc_vs_round.png", "s_running_time.png"}
     assert all(f.stat().st_size > 10_000 for f in files)
+
+
+def test_trial_bundles_follow_the_engine_pools(tmp_path):
+    from harness.sweep import trial_engine, trial_resources
+
+    raw = sweep_raw(tmp_path, executors_per_trial=2, cpus_per_executor=0.5, driver_cpus=0.25)
+    experiments, sweep = expand(raw)
+    cfg = trial_engine(experiments[0], sweep)
+    assert trial_resources(cfg, 0.25) == [{"CPU": 0.25}, {"CPU": 0.5}, {"CPU": 0.5}]
+    raw["engine"] = {"groups": [{"tiers": ["e"], "executors": 1, "cpus_per_executor": 0.25, "gpus_per_executor": 0.1}]}
+    experiments, sweep = expand(raw)
+    cfg = trial_engine(experiments[0], sweep)
+    assert trial_resources(cfg, 0.25) == [{"CPU": 0.25}, {"CPU": 0.25, "GPU": 0.1}, {"CPU": 0.5}, {"CPU": 0.5}]
