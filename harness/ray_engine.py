@@ -32,11 +32,11 @@ MAX_RESTARTS = 3  # per call; a process that keeps dying is a bug to report, not
 class Executor:
     """One pool member. Ray instantiates it in its own process with its quota."""
 
-    def __init__(self, cfg_json: str, dataset_ref: list, cpus: float, use_cuda: bool):
+    def __init__(self, cfg_json: str, dataset_ref: list | None, cpus: float, use_cuda: bool):
         import ray
         import torch
 
-        dataset = ray.get(dataset_ref[0])
+        dataset = ray.get(dataset_ref[0]) if dataset_ref else None  # None: load it from the config
         torch.set_num_threads(torch_threads(cpus))
         device = "cuda" if use_cuda and torch.cuda.is_available() else "cpu"
         from harness.workbench import Workbench
