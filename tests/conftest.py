@@ -44,6 +44,18 @@ def make_config(tmp_path=None, **overrides):
     return experiments[0]
 
 
+def write_tiny_rgb(path, n_train: int, n_test: int = 20) -> str:
+    """A tiny CIFAR-shaped npz data set (uint8 32x32x3 noise, labels cycling 0..9)."""
+    import numpy as np
+
+    gen = np.random.default_rng(0)
+    np.savez(path, x_train=gen.integers(0, 256, (n_train, 32, 32, 3), dtype=np.uint8),
+             y_train=np.arange(n_train, dtype=np.uint8) % 10,
+             x_test=gen.integers(0, 256, (n_test, 32, 32, 3), dtype=np.uint8),
+             y_test=np.arange(n_test, dtype=np.uint8) % 10)
+    return f"npz:{path}"
+
+
 @pytest.fixture
 def config(tmp_path):
     return lambda **kw: make_config(tmp_path, **kw)

@@ -17,6 +17,7 @@ from harness.experiment import Experiment
 from harness.state import MemoryStore
 from harness.strategy import ClientSlot, ClientTask, MethodParams
 from harness.workbench import Workbench
+from conftest import write_tiny_rgb
 
 SERIAL = {"engine.backend": "serial"}
 UNEVEN = {"data.split.kind": "dirichlet", "data.split.alpha": 1.0}  # different sizes: steps and last batches differ
@@ -72,13 +73,7 @@ def groups(monkeypatch):
 
 @pytest.fixture
 def tiny_rgb(tmp_path):
-    gen = np.random.default_rng(0)
-    path = tmp_path / "tiny.npz"
-    np.savez(path, x_train=gen.integers(0, 256, (80, 32, 32, 3), dtype=np.uint8),
-             y_train=np.arange(80, dtype=np.uint8) % 10,
-             x_test=gen.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8),
-             y_test=np.arange(20, dtype=np.uint8) % 10)
-    return f"npz:{path}"
+    return write_tiny_rgb(tmp_path / "tiny.npz", 80)
 
 
 def started(cfg):

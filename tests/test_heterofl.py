@@ -13,6 +13,7 @@ from harness.state import MemoryStore
 from harness.strategy import ClientSlot, ClientTask
 from harness.submodel import prefix_index_sets, rolling_index_sets
 from harness.workbench import Workbench
+from conftest import write_tiny_rgb
 
 DENSE_CNN_FLOPS = 961_000  # forward FLOPs of one sample (tests/test_models.py)
 DENSE_CNN_BYTES = 4 * (10 * 25 + 10 + 20 * 10 * 25 + 20 + 50 * 320 + 50 + 10 * 50 + 10)
@@ -193,13 +194,7 @@ def test_unknown_parameter_is_a_config_error(config):
 # -- the three models --------------------------------------------------------------------------------
 @pytest.fixture
 def tiny_rgb(tmp_path):
-    gen = np.random.default_rng(0)
-    path = tmp_path / "tiny.npz"
-    np.savez(path, x_train=gen.integers(0, 256, (48, 32, 32, 3), dtype=np.uint8),
-             y_train=np.arange(48, dtype=np.uint8) % 10,
-             x_test=gen.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8),
-             y_test=np.arange(20, dtype=np.uint8) % 10)
-    return f"npz:{path}"
+    return write_tiny_rgb(tmp_path / "tiny.npz", 48)
 
 
 @pytest.mark.parametrize("model", ["cnn", "vgg11", "resnet18"])
