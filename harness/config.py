@@ -357,7 +357,13 @@ def axis_label(value: Any) -> str:
 
 
 def expand(raw: dict[str, Any], overrides: list[tuple[str, Any]] = ()) -> tuple[list[ExperimentConfig], SweepFile]:
-    """Expand a config mapping and its overrides into validated experiments (one per grid point)."""
+    """Expand a config mapping and its overrides into validated experiments (one per grid point).
+    Overrides of `tune.*` keys set the sweep's Tune settings."""
+    raw = copy.deepcopy(raw)
+    tune_overrides = [(k, v) for k, v in overrides if k.startswith("tune.")]
+    overrides = [(k, v) for k, v in overrides if not k.startswith("tune.")]
+    for key, value in tune_overrides:
+        set_dotted(raw, key, value)
     base, sweep = split_sweep(raw)
     base = copy.deepcopy(base)
     grid = copy.deepcopy(sweep.grid)

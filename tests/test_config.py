@@ -114,3 +114,8 @@ def test_every_sweep_file_validates(path):
 
     experiments, _ = load(path)
     assert experiments and len({e.name for e in experiments}) == len(experiments)
+
+
+def test_set_reaches_the_tune_settings():
+    exps, sweep = expand({"name": "g", "grid": {"seed": [1, 2]}}, [("tune.max_concurrent_trials", 2)])
+    assert sweep.tune.max_concurrent_trials == 2 and len(exps) == 2
