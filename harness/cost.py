@@ -6,7 +6,6 @@ torch.utils.flop_counter on the (sub)model the client really trained.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,9 +27,14 @@ class FlopMeter:
         self.model_name = model_name
         self.num_classes = num_classes
         self.image_shape = tuple(image_shape)
+        self._measured: dict[tuple[tuple[str, int], ...], dict[str, int]] = {}
 
-    @functools.lru_cache(maxsize=4096)
     def _measure(self, widths: tuple[tuple[str, int], ...]) -> dict[str, int]:
+        if widths not in self._measured:
+            self._measured[widths] = self._count(widths)
+        return self._measured[widths]
+
+    def _count(self, widths: tuple[tuple[str, int], ...]) -> dict[str, int]:
         with torch.device("meta"):
             model = build_model(self.model_name, self.num_classes, self.image_shape, dict(widths))
             x = torch.empty(1, *self.image_shape)
