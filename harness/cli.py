@@ -118,7 +118,8 @@ def cmd_methods(args) -> int:
 
     for name in available_methods():
         cls = method_class(name)
-        params = ", ".join(f"{k}={f.default!r}" for k, f in cls.Params.model_fields.items()) or "no parameters"
+        params = ", ".join(f"{k}={f.get_default(call_default_factory=True)!r}"
+                           for k, f in cls.Params.model_fields.items()) or "no parameters"
         print(f"{name:10s} {params}")
     return 0
 
