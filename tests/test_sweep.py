@@ -99,3 +99,20 @@ def test_trial_bundles_follow_the_engine_pools(tmp_path):
     experiments, sweep = expand(raw)
     cfg = trial_engine(experiments[0], sweep)
     assert trial_resources(cfg, 0.25) == [{"CPU": 0.25}, {"CPU": 0.25, "GPU": 0.1}, {"CPU": 0.5}, {"CPU": 0.5}]
+
+
+def test_leaderboard_and_plot_commands(tmp_path, capsys):
+    from harness.cli import main
+
+    fake_results(tmp_path / "res")
+    assert main(["leaderboard", str(tmp_path / "res"), "-o", str(tmp_path / "lb.csv"), "--target-acc", "0.6"]) == 0
+    assert pd.read_csv(tmp_path / "lb.csv")["method"].tolist() == ["a", "b"]
+    assert main(["plot", str(tmp_path / "res")]) == 0
+    assert len(list((tmp_path / "res" / "plots").glob("*.png"))) == 3
+    capsys.readouterr()
+    (tmp_path / "empty").mkdir()
+    assert main(["leaderboard", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no finished experiment here" in err
+    assert main(["leaderboard", str(tmp_path / "res"), "--target-acc", "75"]) == 2
+    assert "--target-acc: must be a fraction" in capsys.readouterr().err
