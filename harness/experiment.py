@@ -39,7 +39,10 @@ def setting_label(cfg: ExperimentConfig) -> str:
     s = cfg.data.split
     split = {"shards": f"shards{s.shards_per_client}x{s.shard_size}", "dirichlet": f"dir{s.alpha:g}",
              "iid": "iid"}[s.kind]
-    return f"{cfg.data.dataset}_{split}_{cfg.clients.total}c{cfg.clients.per_round}_{digest}"
+    dataset = cfg.data.dataset
+    if dataset.startswith("npz:"):
+        dataset = "npz-" + Path(dataset[4:]).stem
+    return f"{dataset}_{split}_{cfg.clients.total}c{cfg.clients.per_round}_{digest}"
 
 
 class Experiment:
