@@ -36,7 +36,7 @@ def plot(root: str | Path, out: str | Path | None = None) -> list[Path]:
         stem = re.sub(r"[^A-Za-z0-9._-]+", "_", setting)
         methods = sorted(runs["method_label"].unique())
         colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
-        title = f"{runs['dataset'].iloc[0]} / {runs['model'].iloc[0]} ({setting})"
+        title = f"{setting}, model {runs['model'].iloc[0]}"
         for x_col, x_label, name in (("sim_total_s", "simulated time (s)", "acc_vs_time"),
                                      ("round", "round", "acc_vs_round")):
             fig, ax = plt.subplots(figsize=(7, 4.5))
