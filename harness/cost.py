@@ -118,9 +118,15 @@ class DeviceAssigner:
         unknown = set(df["tier"].astype(str)) - set(names)
         if unknown:
             raise ConfigError("devices.trace", f"{path} names unknown tier(s) {', '.join(sorted(unknown))}")
-        has_round = "round" in df.columns
-        return {(int(r.client_id), int(r.round) if has_round else None): names[str(r.tier)]
-                for r in df.itertuples()}
+        rounds = df["round"] if "round" in df.columns else pd.Series([None] * len(df), dtype=object)
+        try:
+            keys = [(int(c), None if pd.isna(r) else int(r)) for c, r in zip(df["client_id"], rounds)]
+        except (TypeError, ValueError):
+            raise ConfigError("devices.trace", f"{path}: client_id and round must be integers") from None
+        # Rows without a round hold in every round; a row for a round overrides them there.
+        trace = {k: names[str(t)] for k, t in zip(keys, df["tier"]) if k[1] is None}
+        trace.update({k: names[str(t)] for k, t in zip(keys, df["tier"]) if k[1] is not None})
+        return trace
 
     def tiers_for_round(self, rnd: int) -> np.ndarray:
         tiers = self.fixed if self.assignment == "fixed" else self._draw(rng(self.seed, "tiers", rnd))

@@ -4,6 +4,7 @@ import pytest
 
 from harness.config import DevicesConfig, Tier
 from harness.cost import DeviceAssigner, client_time, training_flops
+from harness.errors import ConfigError
 
 
 def test_client_time_by_hand():
@@ -36,3 +37,13 @@ def test_trace_overrides_tiers(tmp_path):
     trace.write_text("client_id,round,tier\n0,2,e\n1,2,a\n")
     a = DeviceAssigner(DevicesConfig(trace=str(trace)), 5, seed=1)
     assert a.tiers_for_round(2)[:2].tolist() == [0, 4]
+
+
+def test_trace_rows_for_a_round_override_rows_for_every_round(tmp_path):
+    trace = tmp_path / "trace.csv"
+    trace.write_text("client_id,round,tier\n0,3,a\n0,,e\n1,,d\n")
+    a = DeviceAssigner(DevicesConfig(trace=str(trace)), 5, seed=1)
+    assert a.tiers_for_round(3)[:2].tolist() == [4, 1] and a.tiers_for_round(2)[:2].tolist() == [0, 1]
+    trace.write_text("client_id,tier\nx,a\n")
+    with pytest.raises(ConfigError, match="devices.trace: .* must be integers"):
+        DeviceAssigner(DevicesConfig(trace=str(trace)), 5, seed=1)
