@@ -5,13 +5,16 @@ authors' code); the server takes the sample-weighted mean of the client models.
 """
 from __future__ import annotations
 
-from harness.batched import BatchedLocalSGD, LocalJob
 from harness.cost import training_flops
-from harness.strategy import ClientResult, ClientTask, Strategy
+from harness.records import ClientResult, ClientTask
+from harness.strategy import Strategy
 from harness.submodel import Contribution, aggregate, state_bytes
+from harness.training import LocalJob
 
 
-class FedAvg(BatchedLocalSGD, Strategy):
+class FedAvg(Strategy):
+    title = "FedAvg"
+
     def setup(self, store):
         super().setup(store)
         self.global_state = self.bench.init_global_state()
@@ -19,25 +22,19 @@ class FedAvg(BatchedLocalSGD, Strategy):
     def configure(self, rnd, clients):
         return self.global_state, [None] * len(clients)
 
-    # local_update = local_job, then local_sgd, then local_result (harness.batched.BatchedLocalSGD)
     def local_job(self, global_state, task: ClientTask) -> LocalJob:
-        bench = self.bench
-        model = bench.load(bench.build(), global_state)
-        x, y = bench.train_data(task.client_id)
-        return LocalJob(model, x, y, bench.cfg.train, bench.lr(task.round),
-                        bench.generator(task.round, task.client_id), clip_grad_norm=self.params.clip_grad_norm)
+        return self.bench.job(task, global_state, clip_grad_norm=self.params.clip_grad_norm)
 
     def local_result(self, global_state, task: ClientTask, job: LocalJob) -> ClientResult:
-        bench, stats, y = self.bench, job.stats, job.y
-        trained = {k: v.detach().cpu() for k, v in job.model.state_dict().items() if k in global_state}
+        trained = {k: v.cpu() for k, v in job.trained.items() if k in global_state}
         size = state_bytes(trained)
         return ClientResult(
-            task.client_id, task.round, payload=trained, num_samples=len(y), train_loss=stats.loss,
-            train_acc=stats.accuracy, keep_ratio=1.0,
-            flops=training_flops(bench.flops.forward(), stats.samples), bytes_up=size, bytes_down=size)
+            task.client_id, task.round, payload=trained, num_samples=len(job.y), train_loss=job.stats.loss,
+            train_acc=job.stats.accuracy, keep_ratio=1.0,
+            flops=training_flops(self.bench.flops.forward(), job.stats.samples), bytes_up=size, bytes_down=size)
 
-    def aggregate(self, rnd, results):
-        contributions = [Contribution(r.payload, weight=r.num_samples) for r in results]
+    def aggregate(self, rnd, kept, dropped):
+        contributions = [Contribution(r.payload, weight=r.num_samples) for r in kept]
         self.global_state = aggregate(self.global_state, self.bench.layout, contributions)
         return {}
 

@@ -20,6 +20,8 @@ from harness.submodel import IndexSets, rolling_index_sets
 
 
 class FedRolex(HeteroFL):
+    title = "FedRolex"
+
     def index_sets(self, rnd: int, widths: dict[str, int]) -> IndexSets:
         """A window of `widths[g]` consecutive units of every group, starting at the global round."""
         return rolling_index_sets(self.bench.full_widths, widths, start=rnd)

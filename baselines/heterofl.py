@@ -37,11 +37,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from harness.batched import BatchedLocalSGD, LocalJob
+
 from harness.cost import training_flops
 from harness.models import prefix_width
-from harness.strategy import ClientResult, ClientTask, MethodParams, Strategy
+from harness.records import ClientResult, ClientTask
+from harness.strategy import MethodParams, Strategy
 from harness.submodel import Contribution, IndexSets, State, aggregate, extract, prefix_index_sets, state_bytes
+from harness.training import LocalJob
 
 
 @dataclass
@@ -52,7 +54,9 @@ class SubmodelUpload:
     index_sets: IndexSets
 
 
-class HeteroFL(BatchedLocalSGD, Strategy):
+class HeteroFL(Strategy):
+    title = "HeteroFL"
+
     class Params(MethodParams):
         clip_grad_norm: float | None = 5.0  # the FedLPS authors' HeteroFL and FedRolex scripts clip at 5
         scaler: bool = True
@@ -71,7 +75,7 @@ class HeteroFL(BatchedLocalSGD, Strategy):
         # The global model holds exactly the tensors clients train: with static BN it has no running
         # statistics (evaluation computes them). Norm layers draw no random numbers at init, so
         # filtering the shared initial state gives the same weights as building it with this norm.
-        keys = bench.build(norm=self.norm, device="meta").state_dict().keys()
+        keys = bench.build(bench.spec(norm=self.norm), device="meta").state_dict().keys()
         self.global_state = {k: v for k, v in bench.init_global_state().items() if k in keys}
         # Calibrating BN statistics is a pass over all training data; skip it for models without BN.
         self.calibrate_bn = self.params.static_bn and any(
@@ -89,38 +93,34 @@ class HeteroFL(BatchedLocalSGD, Strategy):
         """Which global units the submodel keeps in round `rnd`: the first ones of every group."""
         return prefix_index_sets(self.bench.full_widths, widths)
 
-    # local_update = local_job, then local_sgd, then local_result (harness.batched.BatchedLocalSGD);
-    # batched, the clients of equal submodel widths (and scaler) train together.
+    # Batched, the clients of equal submodel widths train together.
     def local_job(self, global_state, task: ClientTask) -> LocalJob:
         bench, p = self.bench, self.params
         ratio = task.tier.cap
         widths = self.widths(ratio)
         index_sets = self.index_sets(task.round, widths)
         sub_state = extract(global_state, bench.layout, index_sets)
-        model = bench.load(bench.build(widths, norm=self.norm, rate=ratio if p.scaler else 1.0), sub_state)
-        x, y = bench.train_data(task.client_id)
+        spec = bench.spec(widths, norm=self.norm, rate=ratio if p.scaler else 1.0)
         class_mask = bench.class_mask(task.client_id).to(bench.device) if p.masked_ce else None
-        return LocalJob(model, x, y, bench.cfg.train, bench.lr(task.round), bench.generator(task.round, task.client_id),
-                        clip_grad_norm=p.clip_grad_norm, class_mask=class_mask,
-                        context=(ratio, widths, index_sets, set(sub_state)))
+        return bench.job(task, sub_state, spec, clip_grad_norm=p.clip_grad_norm, class_mask=class_mask,
+                         context=(ratio, widths, index_sets))
 
     def local_result(self, global_state, task: ClientTask, job: LocalJob) -> ClientResult:
-        bench, stats, y = self.bench, job.stats, job.y
-        ratio, widths, index_sets, keys = job.context
-        trained = {k: v.detach().cpu() for k, v in job.model.state_dict().items() if k in keys}
+        ratio, widths, index_sets = job.context
+        trained = {k: v.cpu() for k, v in job.trained.items() if k in job.start}
         size = state_bytes(trained)
         return ClientResult(
-            task.client_id, task.round, payload=SubmodelUpload(trained, index_sets), num_samples=len(y),
-            train_loss=stats.loss, train_acc=stats.accuracy, keep_ratio=ratio,
-            flops=training_flops(bench.flops.forward(widths), stats.samples), bytes_up=size, bytes_down=size)
+            task.client_id, task.round, payload=SubmodelUpload(trained, index_sets), num_samples=len(job.y),
+            train_loss=job.stats.loss, train_acc=job.stats.accuracy, keep_ratio=ratio,
+            flops=training_flops(self.bench.flops.forward(widths), job.stats.samples), bytes_up=size, bytes_down=size)
 
     # -- server side -------------------------------------------------------------------------------
-    def aggregate(self, rnd, results):
+    def aggregate(self, rnd, kept, dropped):
         label_split = self.params.label_split
         contributions = [
             Contribution(r.payload.state, r.payload.index_sets, weight=1.0,
                          class_rows=self.bench.class_mask(r.client_id) if label_split else None)
-            for r in results]
+            for r in kept]
         self.global_state = aggregate(self.global_state, self.bench.layout, contributions)
         return {}
 

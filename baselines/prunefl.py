@@ -64,21 +64,20 @@ Where this differs from the official code (jiangyuang/PruneFL), following METHOD
 from __future__ import annotations
 
 import logging
-import math
 
 import numpy as np
 import torch
+import pyarrow as pa
 import torch.nn as nn
 from pydantic import Field
 
-from harness.batched import BatchedLocalSGD, LocalJob, MaskedTraining
-from harness.cost import sparse_bytes, training_flops
-from harness.engine import threads, torch_threads
+from harness.cost import client_time, sparse_bytes, training_flops
 from harness.errors import ConfigError
+from harness.records import ClientResult, ClientTask
 from harness.seeding import rng, torch_generator
-from harness.strategy import ClientResult, ClientTask, MethodParams, Strategy
+from harness.strategy import MethodParams, Strategy
 from harness.submodel import Contribution, aggregate, state_bytes
-from harness.training import TrainStats, local_sgd
+from harness.training import LocalJob
 
 log = logging.getLogger(__name__)
 
@@ -159,25 +158,11 @@ def density(masks: Masks) -> float:
     return sum(int(m.sum()) for m in masks.values()) / total if total else 1.0
 
 
-# -- masked local training -------------------------------------------------------------------------
-# MaskedTraining (harness/batched.py): local_sgd hooks that zero the pruned weights before every step
-# (gradients stay dense) and accumulate importance grad^2 x batch size, per coordinate for prunable
-# weights and as one total for every other parameter; batched training computes the same.
-
-
-def train_masked(model: nn.Module, masks: Masks, x: torch.Tensor, y: torch.Tensor, train, lr: float,
-                 generator: torch.Generator, clip_grad_norm: float | None = None) -> tuple[TrainStats, MaskedTraining]:
-    """Local SGD on the sparse model; on return the pruned weights of `model` are zero. Importance
-    is taken from the gradients before clipping."""
-    hooks = MaskedTraining(model, masks)
-    stats = local_sgd(model, x, y, train, lr, generator, clip_grad_norm=clip_grad_norm,
-                      before_batch=hooks.apply_masks, after_backward=hooks.accumulate)
-    hooks.apply_masks()
-    return stats, hooks
-
-
 # -- the strategy ----------------------------------------------------------------------------------
-class PruneFL(BatchedLocalSGD, Strategy):
+class PruneFL(Strategy):
+    title = "PruneFL"
+    client_columns = round_columns = {"density": pa.float64()}
+
     class Params(MethodParams):  # clip_grad_norm: None, as PruneFL does not clip
         interval: int = Field(50, gt=0, description="federated rounds between reconfigurations")
         drop_fraction: float = Field(0.3, ge=0, lt=1, description="d at t = 0")
@@ -195,34 +180,45 @@ class PruneFL(BatchedLocalSGD, Strategy):
         initial_start_factor: float = Field(1.5, ge=0, description="reconfigure once training accuracy "
                                             ">= this / classes")
 
-    def __init__(self, bench, params):
-        super().__init__(bench, params)
-        cfg = bench.cfg
-        template = bench.build(device="meta")
-        shapes = {k: v for k, v in template.state_dict().items() if v.is_floating_point()}
-        layers = [f"{n}.weight" for n, m in template.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    @staticmethod
+    def _layers(model: nn.Module) -> list[str]:
+        return [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+    @classmethod
+    def check(cls, params, model, cfg):
+        layers = cls._layers(model)
         unknown = set(params.dense_layers) - set(layers)
         if unknown:
-            raise ConfigError("method.dense_layers", f"not conv/linear weights of {bench.model_name}: "
+            raise ConfigError("method.dense_layers", f"not conv/linear weights of the model: "
                               f"{', '.join(sorted(unknown))}; choose from {', '.join(layers)}")
         if params.initial_pruning and params.initial_client >= cfg.clients.total:
             raise ConfigError("method.initial_client", f"{params.initial_client} is not a client "
                               f"(there are {cfg.clients.total})")
-        self.prunable = [n for n in layers if n not in params.dense_layers]
+
+    def __init__(self, bench, params):
+        super().__init__(bench, params)
+        cfg = bench.cfg
+        template = bench.build(device="meta")
+        self.check(params, template, cfg)
+        shapes = {k: v for k, v in template.state_dict().items() if v.is_floating_point()}
+        self.prunable = [n for n in self._layers(template) if n not in params.dense_layers]
         self.shapes = {n: shapes[n].shape for n in self.prunable}
         per_weight = bench.flops.per_weight()
         self.layer_flops = {n: per_weight.get(n, 0) for n in self.prunable}
         self.forward_flops = bench.flops.forward()
         self.dense_bytes = state_bytes({k: v for k, v in shapes.items() if k not in self.shapes})
 
-        devices = cfg.devices
-        compute = min(t.compute_mflops for t in devices.tiers) * 1e6
+        # The time coefficients of the cost model, on the slowest tier (a synchronous round lasts as
+        # long as its slowest client): a weight of layer l costs its training FLOPs over a round's
+        # samples plus its 4 bytes of upload; c0 is the dense model's download and upload.
+        slowest = min(cfg.devices.tiers, key=lambda t: t.compute_mflops)
         samples = cfg.train.epochs * float(np.mean([c.num_samples for c in bench.clients]))
-        up, down = devices.up_mb_s * 1e6, devices.down_mb_s * 1e6
-        self.time_per_weight = {n: 3.0 * self.layer_flops[n] / math.prod(s) * samples / compute + 4.0 / up
-                                for n, s in self.shapes.items()}
+        self.time_per_weight = {
+            n: client_time(slowest, cfg.devices, training_flops(self.layer_flops[n] / s.numel(), samples), 0, 4).total_s
+            for n, s in self.shapes.items()}
         full_bytes = state_bytes(shapes)
-        self.c0 = params.c0 if params.c0 is not None else full_bytes / down + full_bytes / up
+        self.c0 = params.c0 if params.c0 is not None else client_time(slowest, cfg.devices, 0, full_bytes,
+                                                                        full_bytes).total_s
 
     # -- server side -------------------------------------------------------------------------------
     def setup(self, store):
@@ -250,20 +246,21 @@ class PruneFL(BatchedLocalSGD, Strategy):
         pick = np.sort(rng(seed, "prunefl", "initial-samples").permutation(len(y))[:p.initial_samples])
         pick = torch.from_numpy(pick).to(x.device)
         x, y = x[pick], y[pick]
-        model = bench.load(bench.build(), self.global_state)
+        weights = self.global_state
         started, small_changes, segment = False, [], 0
         while self.initial_rounds < p.initial_max_rounds:
             epochs = min(p.initial_interval, p.initial_max_rounds - self.initial_rounds)
-            stats, hooks = train_masked(model, self.masks, x, y, bench.cfg.train.model_copy(update={"epochs": epochs}),
-                                        bench.lr(0), torch_generator(seed, "prunefl", "initial", segment),
-                                        p.clip_grad_norm)
-            self._accumulate(hooks.importance, hooks.dense_importance)
+            job = LocalJob(bench.spec(), weights, x, y, bench.cfg.train.model_copy(update={"epochs": epochs}),
+                           bench.lr(0), torch_generator(seed, "prunefl", "initial", segment), p.clip_grad_norm,
+                           weight_masks={n: m.to(bench.device) for n, m in self.masks.items()}, importance=True)
+            bench.train_here(job)
+            weights = {n: t.cpu() for n, t in job.trained.items()}
+            self._accumulate(job.grad_importance, job.dense_importance)
             self.initial_rounds += epochs
             segment += 1
-            started = started or stats.accuracy >= p.initial_start_factor / bench.num_classes
+            started = started or job.stats.accuracy >= p.initial_start_factor / bench.num_classes
             if not started:
                 continue
-            weights = {n: t.detach().cpu() for n, t in model.state_dict().items()}
             self.masks = reconfigure(weights, self.masks, self.importance, self.time_per_weight,
                                      p.drop_fraction, self.c0, self.dense_importance)
             self._reset_importance()
@@ -273,8 +270,7 @@ class PruneFL(BatchedLocalSGD, Strategy):
                 small_changes.append(abs(now / before - 1) <= p.initial_tolerance)
             if len(small_changes) >= p.initial_patience and all(small_changes[-p.initial_patience:]):
                 break
-        self.global_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
-                             if k in self.global_state}
+        self.global_state = {k: v.clone() for k, v in weights.items() if k in self.global_state}
         self._reset_importance()  # federated training accumulates afresh
         log.info("prunefl initial pruning: %d local rounds, %d reconfigurations, density %.4f",
                  self.initial_rounds, len(self.initial_densities), density(self.masks))
@@ -287,10 +283,8 @@ class PruneFL(BatchedLocalSGD, Strategy):
 
     def configure(self, rnd, clients):
         p = self.params
-        if not self.initial_done:
-            # here rather than in setup: restoring a checkpoint calls setup first, and must not redo it
-            with threads(torch_threads(self.bench.cfg.engine.cpus_per_executor)):
-                self._initial_pruning()
+        if not self.initial_done:  # here rather than in setup: restoring a checkpoint calls setup first
+            self._initial_pruning()
             self.initial_done = True
         if rnd > 0 and rnd % p.interval == 0 and rnd > self.last_reconfiguration and self.accumulated:
             d = drop_fraction(rnd, p.drop_fraction, p.drop_half_life)
@@ -301,11 +295,12 @@ class PruneFL(BatchedLocalSGD, Strategy):
             self.reconfigurations += 1
         return {"state": self.global_state, "masks": self.masks}, [None] * len(clients)
 
-    def aggregate(self, rnd, results):
+    def aggregate(self, rnd, kept, dropped):
+        """Dropped clients' updates and importance are ignored (their work did not reach the server)."""
         contributions = [Contribution(r.payload["state"], weight=r.num_samples, coordinate_masks=self.masks)
-                         for r in results]
+                         for r in kept]
         self.global_state = aggregate(self.global_state, self.bench.layout, contributions)
-        for r in results:
+        for r in kept:
             self._accumulate(r.payload["importance"], r.payload["dense_importance"])
         return {"density": density(self.masks)}
 
@@ -345,21 +340,16 @@ class PruneFL(BatchedLocalSGD, Strategy):
         return forward, nbytes
 
     # -- client side -------------------------------------------------------------------------------
-    # local_update = local_job, then local_sgd, then local_result (harness.batched.BatchedLocalSGD):
-    # the job's weight masks and importance are train_masked's hooks, and batch as well.
     def local_job(self, broadcast, task: ClientTask) -> LocalJob:
         bench = self.bench
-        global_state, masks = broadcast["state"], broadcast["masks"]
-        model = bench.load(bench.build(), global_state)
-        x, y = bench.train_data(task.client_id)
-        return LocalJob(model, x, y, bench.cfg.train, bench.lr(task.round), bench.generator(task.round, task.client_id),
-                        clip_grad_norm=self.params.clip_grad_norm,
-                        weight_masks={n: m.to(bench.device) for n, m in masks.items()}, importance=True)
+        masks = {n: m.to(bench.device) for n, m in broadcast["masks"].items()}
+        return bench.job(task, broadcast["state"], clip_grad_norm=self.params.clip_grad_norm, weight_masks=masks,
+                         importance=True)
 
     def local_result(self, broadcast, task: ClientTask, job: LocalJob) -> ClientResult:
         global_state, masks = broadcast["state"], broadcast["masks"]
         stats, y = job.stats, job.y
-        trained = {k: v.detach().cpu() for k, v in job.model.state_dict().items() if k in global_state}
+        trained = {k: v.cpu() for k, v in job.trained.items() if k in global_state}
         forward, nbytes = self.sparse_cost(masks)
         share = density(masks)
         payload = {"state": trained, "importance": {n: g.cpu() for n, g in job.grad_importance.items()},

@@ -28,7 +28,7 @@ Intervals are half-open, [low, high), except the last arm, which also holds its 
 ratio a itself belongs to the upper half [a, high] of the split, which is the half the authors' code
 credits (and whose pull count it increments).
 
-Differences from the authors' code (sunnyxuejj/FedLPS, Hetero_Client.P_UCBV and FedLPS.py), following
+Differences from the authors' code (sunnyxuejj/FedLPS at 35fafba, Hetero_Client.P_UCBV and FedLPS.py), following
 METHODS.md: rewards are credited to the arm that holds the ratio used (the code credits arm 0 when the
 ratio lies in the last arm and the last arm when the cap pushes it below every arm); the pull count
 grows when a reward is credited, so n_j always equals the number of rewards (the code increments the
@@ -101,7 +101,8 @@ class PUCBV:
         """max(ln(psi * T * eps_m), 0) for the next decision."""
         k = len(self.arms)
         psi = self.horizon / k ** 2
-        return max(math.log(psi * self.horizon * 2.0 ** -self.decisions), 0.0)
+        # ln(psi T 2^-m) = ln(psi T) - m ln 2: 2^-m itself underflows to 0 after ~1075 decisions
+        return max(math.log(psi * self.horizon) - self.decisions * math.log(2.0), 0.0)
 
     def indices(self) -> list[float]:
         bonus = self.exploration_log()

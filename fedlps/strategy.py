@@ -7,7 +7,7 @@ a ~ U(arm) and rho = min(tier cap, a) (`keep_ratio_policy: bandit`, fedlps/pucbv
 tier cap (`rcr`, the paper's RCR ablation); or rho = `keep_ratio` for every client, ignoring the
 caps as the authors' mask-strategy ablation does (`fixed`). The broadcast is the global model.
 
-Client (`local_update`): the full-width model with the global weights, one importance score per unit
+Client (`local_job`, `local_result`): the full-width model with the global weights, one importance score per unit
 of every maskable group (fedlps/masks.py). Before every minibatch the mask is recomputed: per group
 the top k = max(1, floor(rho * N)) units by sigmoid(score); masked units' outputs are zeroed through
 `model.unit_masks` and every coordinate that a masked unit touches keeps its value exactly (the
@@ -27,7 +27,7 @@ Variants (`variant`):
 - `paper`: scores are the client's personal state (never uploaded), initialised at its first
   participation to sigmoid(||W_u||_1) plus N(0, score_init_noise^2), trained by the task loss through
   a straight-through estimator and by the per-unit regulariser.
-- `reference`: the authors' code (sunnyxuejj/FedLPS): scores re-drawn every round, no task gradient,
+- `reference`: the authors' code (sunnyxuejj/FedLPS at 35fafba): scores re-drawn every round, no task gradient,
   regulariser against the layer-mean target, noise on the aggregate, personalised models only from
   trainings above 1/4. Each quirk is implemented and documented below where it happens.
 
@@ -42,11 +42,16 @@ statistics of masked units, which local training does update, stay global). The 
 NOT reflect the sparsity: the mask may change before every minibatch, so no physically smaller model
 can be built; training runs the dense model with zeroed units.
 
+The authors' code is read at the commit every reference variant of fedbench pins: sunnyxuejj/FedLPS
+35fafba2171fac0b0de374ffcd2a85eb40bc975e (its HEAD, 2024-12-12). There `utils/options.py` turns
+FedProx off (`--fedprox` False) and sets momentum 0, so both variants train without a FedProx term and
+without momentum, as the harness's training config says; at the repository's first commit (dbbbcf7)
+FedProx was on (lamda 0.001) and momentum 0.5.
+
 Other deliberate differences from the authors' code, following METHODS.md: masked units are zeroed
 after their norm (their bias and BN shift too; the code only zeroes the weights, so a masked unit still
 outputs its bias); the mask keeps exactly k units (the code's strict threshold keeps k - 1, and none at
-k = 1); no FedProx term (the code's `--fedprox` flag is always on, lamda 0.001) and SGD without
-momentum (the code defaults to 0.5), as the harness's training config says; for the mask-strategy
+k = 1, so at a keep ratio of 1/16 its CNN keeps no unit of conv1 and conv2); for the mask-strategy
 ablation the clients are evaluated with their personalised models (the ablation code evaluates the
 global model). `acc_global` is None: the paper reports personalised accuracy, and METHODS.md reports
 the whole-test-set accuracy for global methods only.
@@ -57,18 +62,20 @@ import math
 from typing import Literal
 
 import numpy as np
+import pyarrow as pa
 import torch
 from pydantic import Field, model_validator
 
 from fedlps.masks import (fixed_masks, init_scores_paper, init_scores_reference, keep_widths, score_masks,
                           score_regularizer, straight_through)
 from fedlps.pucbv import PUCBV
-from harness.batched import BatchedLocalSGD, LocalJob
 from harness.cost import training_flops
+from harness.data import TEST_SET_SUFFIX, TEST_SETS
+from harness.records import ClientResult, ClientTask, Evaluation
 from harness.seeding import rng, seed_of
-from harness.strategy import ClientResult, ClientTask, Evaluation, MethodParams, Strategy
+from harness.strategy import MethodParams, Strategy
 from harness.submodel import coordinate_masks, state_bytes, unit_l1_norms
-from harness.training import local_sgd
+from harness.training import Hooks, LocalJob
 
 # Reference variant: only trainings at a keep ratio above this replace a client's personalised model
 # (FedLPS.py keeps `final_parameters` only when mask_rate > mask_rate_list[2] = 0.25).
@@ -102,14 +109,18 @@ class FedLPSParams(MethodParams):
         return self
 
 
-class FedLPS(BatchedLocalSGD, Strategy):
+class FedLPS(Strategy):
     Params = FedLPSParams
+    title = "FedLPS"
+    client_columns = {"arm_low": pa.float64(), "arm_high": pa.float64(),
+                      **{f"acc_personal{TEST_SET_SUFFIX[kind]}": pa.float64() for kind in TEST_SETS}}
 
     # -- server ------------------------------------------------------------------------------------
     def setup(self, store):
         super().setup(store)
         self.global_state = self.bench.init_global_state()
-        self.personal_acc = np.full(len(self.bench.clients), np.nan)
+        # per test-set construction, each client's latest personalised accuracy (NaN: none yet)
+        self.personal_acc = {kind: np.full(len(self.bench.clients), np.nan) for kind in TEST_SETS}
 
     def _new_bandit(self, client_id: int) -> PUCBV:
         cfg = self.bench.cfg
@@ -135,13 +146,17 @@ class FedLPS(BatchedLocalSGD, Strategy):
                 instructions.append({"keep_ratio": p.keep_ratio})
         return self.global_state, instructions
 
-    def aggregate(self, rnd, results):
+    def aggregate(self, rnd, kept, dropped):
+        """Dropped clients change nothing: no update, no reward (their bandit advanced when the round
+        was configured), no new personalised model."""
         p = self.params
+        if not kept:
+            return {}
         total = {k: torch.zeros_like(v) for k, v in self.global_state.items()}
-        for r in results:
+        for r in kept:
             for k, d in r.payload.items():
                 total[k] += d.to(total[k].dtype)
-        new_state = {k: g + total[k] / len(results) for k, g in self.global_state.items()}
+        new_state = {k: g + total[k] / len(kept) for k, g in self.global_state.items()}
         if p.variant == "reference" and p.reference_noise > 0:
             # Reference quirk (agg/avg.py `avg`): Gaussian noise of std `dp` = 0.001 on every tensor of
             # the aggregated model, BN statistics included.
@@ -151,35 +166,41 @@ class FedLPS(BatchedLocalSGD, Strategy):
                 new_state[k] = v + p.reference_noise * noise
         self.global_state = new_state
 
-        for r in results:
+        for r in kept:
             if p.keep_ratio_policy == "bandit" and not math.isnan(r.train_acc):
                 bandit = self._bandit(r.client_id)
                 bandit.observe(r.keep_ratio, r.train_acc, r.sim_compute_s + r.sim_up_s)
                 self.store.put(r.client_id, bandit.to_dict(), "bandit")
-            acc = r.metrics.get("acc_personal", math.nan)
             # Reference quirk (FedLPS.py): a training at a keep ratio of 1/4 or less does not replace the
             # client's personalised model.
             if p.variant == "reference" and r.keep_ratio <= REFERENCE_MIN_PERSONAL_RATIO:
                 continue
-            if not math.isnan(acc):
-                self.personal_acc[r.client_id] = acc
+            for kind in TEST_SETS:
+                acc = r.metrics.get(f"acc_personal{TEST_SET_SUFFIX[kind]}", math.nan)
+                if not math.isnan(acc):
+                    self.personal_acc[kind][r.client_id] = acc
         return {}
 
     def evaluate(self, rnd):
-        acc = self.personal_acc.copy()
-        missing = np.isnan(acc)
-        if missing.any():
-            acc[missing] = self.bench.evaluate_global(self.global_state).client_acc[missing]
-        return Evaluation(client_acc=acc, acc_global=None)
+        """Each client with its latest personalised model; a client without one with the global model."""
+        dense = self.bench.evaluate_global(self.global_state)
+        clients = {}
+        for kind in TEST_SETS:
+            acc = self.personal_acc[kind].copy()
+            missing = np.isnan(acc)
+            acc[missing] = dense.clients[kind][missing]
+            clients[kind] = acc
+        return Evaluation(clients=clients, global_clients=dense.clients, acc_global=None)
 
     def state_dict(self):
         # Bandits (with their random generators) and the paper variant's scores live in the client
         # store, which the harness checkpoints; the aggregation noise is a function of (seed, round).
-        return {"global_state": self.global_state, "personal_acc": self.personal_acc.tolist()}
+        return {"global_state": self.global_state,
+                "personal_acc": {kind: acc.tolist() for kind, acc in self.personal_acc.items()}}
 
     def load_state_dict(self, state):
         self.global_state = state["global_state"]
-        self.personal_acc = np.asarray(state["personal_acc"], dtype=float)
+        self.personal_acc = {kind: np.asarray(acc, dtype=float) for kind, acc in state["personal_acc"].items()}
 
     # -- client ------------------------------------------------------------------------------------
     def _initial_scores(self, task: ClientTask, global_state, generator) -> dict[str, torch.Tensor]:
@@ -192,87 +213,74 @@ class FedLPS(BatchedLocalSGD, Strategy):
             return {g: s.clone() for g, s in task.state.items()}
         return init_scores_paper(unit_l1_norms(global_state, bench.layout), p.score_init_noise, generator)
 
-    # local_update = local_job, then local_sgd, then local_result (harness.batched.BatchedLocalSGD).
     # Masks fixed for the round (random, magnitude, ordered) batch: they are plain unit and update
     # masks. Learnable masks change before every minibatch through hooks: those clients train alone.
     def local_job(self, global_state, task: ClientTask) -> LocalJob:
         bench, p = self.bench, self.params
         rho = float(task.instruction["keep_ratio"])
         generator = bench.generator(task.round, task.client_id)
-        model = bench.load(bench.build(), global_state)
         widths = keep_widths(bench.full_widths, rho)
-        param_shapes = {n: q.shape for n, q in model.named_parameters()}
-        x, y = bench.train_data(task.client_id)
+        param_shapes = bench.param_shapes
         lr = bench.lr(task.round)
         learnable = p.mask == "learnable"
         paper = p.variant == "paper"
-
         current: dict[str, dict[str, torch.Tensor]] = {}  # the hard masks and coordinate masks in use
-        scores: dict[str, torch.Tensor] = {}
-        hooks = {}
-        if learnable:
-            scores = {g: s.to(bench.device).requires_grad_(True)
-                      for g, s in self._initial_scores(task, global_state, generator).items()}
-
-            def before_batch():
-                hard = {g: m.to(bench.device) for g, m in score_masks(scores, widths).items()}
-                current["hard"] = hard
-                current["coords"] = coordinate_masks(bench.layout, param_shapes, hard)
-                model.unit_masks = {g: straight_through(hard[g], scores[g]) for g in hard} if paper else hard
-
-            hooks["before_batch"] = before_batch
-            if p.lam > 0:
-                def regularizer():
-                    with torch.no_grad():
-                        norms = unit_l1_norms(dict(model.named_parameters()), bench.layout)
-                        if not paper:
-                            # Reference quirk: the code computes the target from the weights after
-                            # masking, so a masked unit's target is sigmoid(0) = 0.5.
-                            norms = {g: v * current["hard"][g] for g, v in norms.items()}
-                    return score_regularizer(scores, norms, p.lam, per_unit=paper)
-
-                hooks["regularizer"] = regularizer
-            if not paper:
-                def after_backward(_batch_size):
-                    # Reference quirk: the code multiplies the scores' gradients by the mask, so only
-                    # the kept units' scores move.
-                    for g, s in scores.items():
-                        if s.grad is not None:
-                            s.grad.mul_(current["hard"][g])
-
-                hooks["after_backward"] = after_backward
-        else:
+        context = dict(rho=rho, widths=widths, current=current, scores={}, learnable=learnable, paper=paper)
+        if not learnable:
             norms = unit_l1_norms(global_state, bench.layout) if p.mask == "magnitude" else None
             hard = {g: m.to(bench.device) for g, m in
                     fixed_masks(p.mask, widths, bench.full_widths, generator, norms).items()}
-            current["hard"] = hard
-            current["coords"] = coordinate_masks(bench.layout, param_shapes, hard)
-            model.unit_masks = hard
+            current.update(hard=hard, coords=coordinate_masks(bench.layout, param_shapes, hard))
+            return bench.job(task, global_state, generator=generator, clip_grad_norm=p.clip_grad_norm,
+                             unit_masks=hard, update_masks=current["coords"], context=context)
 
-        if learnable:
-            hooks.update(extra_params=list(scores.values()), extra_lr=p.score_lr if p.score_lr is not None else lr)
-            update_masks = lambda: current["coords"]  # noqa: E731 - recomputed before every minibatch
-        else:
-            update_masks = current["coords"]
-        # train_fn: this module's local_sgd (tests wrap it); anything else than harness's runs alone
-        return LocalJob(model, x, y, bench.cfg.train, lr, generator, clip_grad_norm=p.clip_grad_norm,
-                        update_masks=update_masks, hooks=hooks, train_fn=local_sgd,
-                        context=dict(rho=rho, widths=widths, current=current, scores=scores, learnable=learnable,
-                                     paper=paper))
+        scores = {g: s.to(bench.device).requires_grad_(True)
+                  for g, s in self._initial_scores(task, global_state, generator).items()}
+        context["scores"] = scores
+
+        def hooks(model) -> Hooks:
+            def before_batch():
+                hard = {g: m.to(bench.device) for g, m in score_masks(scores, widths).items()}
+                current.update(hard=hard, coords=coordinate_masks(bench.layout, param_shapes, hard))
+                model.unit_masks = {g: straight_through(hard[g], scores[g]) for g in hard} if paper else hard
+
+            def regularizer():
+                with torch.no_grad():
+                    norms = unit_l1_norms(dict(model.named_parameters()), bench.layout)
+                    if not paper:
+                        # Reference quirk: the code computes the target from the weights after
+                        # masking, so a masked unit's target is sigmoid(0) = 0.5.
+                        norms = {g: v * current["hard"][g] for g, v in norms.items()}
+                return score_regularizer(scores, norms, p.lam, per_unit=paper)
+
+            def after_backward(_batch_size):
+                # Reference quirk: the code multiplies the scores' gradients by the mask, so only the
+                # kept units' scores move.
+                for g, s in scores.items():
+                    if s.grad is not None:
+                        s.grad.mul_(current["hard"][g])
+
+            return Hooks(before_batch=before_batch, regularizer=regularizer if p.lam > 0 else None,
+                         after_backward=None if paper else after_backward, update_masks=lambda: current["coords"],
+                         extra_params=list(scores.values()), extra_lr=p.score_lr if p.score_lr is not None else lr)
+
+        return bench.job(task, global_state, generator=generator, clip_grad_norm=p.clip_grad_norm, hooks=hooks,
+                         context=context)
 
     def local_result(self, global_state, task: ClientTask, job: LocalJob) -> ClientResult:
         bench = self.bench
-        model, stats, y = job.model, job.stats, job.y
+        stats, y = job.stats, job.y
         rho, widths, current, scores = (job.context[k] for k in ("rho", "widths", "current", "scores"))
         learnable, paper = job.context["learnable"], job.context["paper"]
 
         # The personalised model: the trained weights with the mask of the last minibatch (the one
         # its weights were trained under; the scores have moved one step since).
         hard = {g: m.detach() for g, m in current["hard"].items()}
+        model = bench.trained_model(job)
         model.unit_masks = hard
         acc_personal = bench.accuracy_on_client(model, task.client_id)
 
-        trained = {k: v.detach().cpu() for k, v in model.state_dict().items() if k in global_state}
+        trained = {k: v.cpu() for k, v in job.trained.items() if k in global_state}
         hard_cpu = {g: m.cpu() for g, m in hard.items()}
         coords = coordinate_masks(bench.layout, {k: v.shape for k, v in trained.items()}, hard_cpu)
         update, bytes_up = {}, 0
@@ -286,7 +294,7 @@ class FedLPS(BatchedLocalSGD, Strategy):
             update[k] = delta
         bytes_up += (sum(bench.full_widths.values()) + 7) // 8
 
-        metrics = {"acc_personal": acc_personal}
+        metrics = {f"acc_personal{TEST_SET_SUFFIX[kind]}": acc for kind, acc in acc_personal.items()}
         if "arm_low" in task.instruction:
             metrics.update(arm_low=task.instruction["arm_low"], arm_high=task.instruction["arm_high"])
         new_state = {g: s.detach().cpu().clone() for g, s in scores.items()} if (learnable and paper) else None

@@ -8,12 +8,17 @@
   pool has executors, one torch thread each, each holding the data, every round's tasks split into
   equal contiguous parts, one message each way per worker and round (plain pickles);
 - ray: the Ray engine with the same number of executors and quota (on CUDA, each executor gets an
-  equal share of one GPU).
+  equal share of one GPU);
+- plain (mnist workload): an independent plain PyTorch loop in a process pool like limit's: a plain
+  nn.Sequential CNN and torch.optim.SGD, each client's minibatches in the same order (the same
+  generator seed) and the same steps; none of fedbench's training code. Its results are checked
+  against fedbench's every round (`plain_same_training`: equal training accuracy, training loss
+  within 1e-5 relative).
 
-serial, limit and ray train the clients one by one. All do the same rounds from the same initial
-model (FedAvg's aggregation included), with one warm-up round that is not timed; serial and batched
-take turns on every round, and so do limit and ray (both pools are up, only one works at a time), so
-that a drift in the machine's speed affects each pair alike. The peak memory of
+serial, limit, ray and plain train the clients one by one. All do the same rounds from the same
+initial model (FedAvg's aggregation included), with one warm-up round that is not timed; serial and
+batched take turns on every round, and so do limit, ray and plain (all pools are up, only one works
+at a time), so that a drift in the machine's speed affects each group alike. The peak memory of
 the whole process tree during the Ray run (driver, Ray's own processes, executors) is reported as
 `peak_rss_mb` (summed RSS) and `peak_pss_mb` (summed PSS, see PeakMemory), sampled while the pool
 starts and over two further rounds (not while rounds are timed).
@@ -41,12 +46,14 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from harness.config import DataConfig, expand
-from harness.engine import SerialEngine, execute, torch_threads
+from harness.config import DataConfig, ExperimentConfig, expand, method_params
+from harness.engine import ClientRunner, SerialEngine, cuda_graphs_enabled
 from harness.errors import ConfigError, UserError
-from harness.seeding import rng
+from harness.records import ClientResult, ClientSlot, ClientTask
+from harness.registry import method_class
+from harness.seeding import rng, seed_of
 from harness.state import MemoryStore
-from harness.strategy import ClientSlot, ClientTask
+from harness.training import torch_threads
 from harness.workbench import Workbench
 
 WORKLOADS = ("mnist", "cifar")
@@ -144,10 +151,14 @@ class PeakMemory:
         self._thread.join()
 
 
+def _strategy(bench: Workbench):
+    return method_class(bench.cfg.method.name)(bench, method_params(bench.cfg))
+
+
 def _rounds(bench: Workbench, rounds: int):
     """Yield (round, broadcast, tasks) for warm-up + timed rounds, aggregating in between."""
     cfg = bench.cfg
-    strategy = bench.strategy
+    strategy = _strategy(bench)
     strategy.setup(MemoryStore())
     for rnd in range(rounds + 1):
         sampled = np.sort(rng(cfg.seed, "sample", rnd).choice(cfg.clients.total, cfg.clients.per_round, replace=False))
@@ -155,47 +166,137 @@ def _rounds(bench: Workbench, rounds: int):
         slots = [ClientSlot(int(c), cfg.devices.tiers[tiers[c]], bench.clients[c].num_samples) for c in sampled]
         broadcast, instructions = strategy.configure(rnd, slots)
         results = yield rnd, broadcast, [ClientTask(s.client_id, rnd, s.tier, i) for s, i in zip(slots, instructions)]
-        strategy.aggregate(rnd, [r for r in results if r.ok])
+        strategy.aggregate(rnd, [r for r in results if r.ok], [r for r in results if not r.ok])
 
 
-def _time(bench: Workbench, rounds: int, *runs) -> list[float]:
+def _time(bench: Workbench, rounds: int, *runs, compare=None) -> list[float]:
     """Median seconds per timed round of each `run(broadcast, tasks)` (round 0 is the warm-up).
     Several runs take turns on every round's tasks (in alternating order), so that a change in the
-    machine's speed during the measurement affects them alike; they compute the same results."""
+    machine's speed during the measurement affects them alike; they compute the same results
+    (`compare(results of each run)` is called every round)."""
     times: list[list[float]] = [[] for _ in runs]
     loop = _rounds(bench, rounds)
     rnd, broadcast, tasks = next(loop)
     while True:
         order = list(range(len(runs)))[::(-1) ** rnd]
+        outputs = [None] * len(runs)
         for k in order:
             start = time.perf_counter()
-            results = runs[k](broadcast, tasks)
+            outputs[k] = runs[k](broadcast, tasks)
             if rnd > 0:
                 times[k].append(time.perf_counter() - start)
+        if compare is not None:
+            compare(outputs)
         try:
-            rnd, broadcast, tasks = loop.send(results)
+            rnd, broadcast, tasks = loop.send(outputs[order[-1]])
         except StopIteration:
             return [statistics.median(t) for t in times]
 
 
-_worker_bench: Workbench | None = None
+class _Pool:
+    """A multiprocessing pool of worker processes, one torch thread each, each set up once by
+    `initializer`; a round's tasks are split into equal contiguous parts, one message each way per
+    worker. Plain pickles both ways: multiprocessing's own pickler would move every tensor into a
+    new shared-memory segment and pass its file descriptor, which costs more than copying the bytes."""
+
+    def __init__(self, processes: int, initializer, initargs, work):
+        self.processes, self.work = processes, work
+        # spawn: no server process left behind to count in the Ray run's memory
+        self.pool = mp.get_context("spawn").Pool(processes, initializer=initializer, initargs=initargs)
+
+    def run(self, broadcast, tasks):
+        size = -(-len(tasks) // self.processes)
+        parts = [pickle.dumps((broadcast, tasks[i:i + size]), pickle.HIGHEST_PROTOCOL)
+                 for i in range(0, len(tasks), size)]
+        return [r for part in self.pool.map(self.work, parts) for r in pickle.loads(part)]
+
+    def close(self):
+        self.pool.terminate()
+        self.pool.join()
 
 
-def _init_worker(cfg_json: str, threads: int, device: str = "cpu") -> None:
-    global _worker_bench
+_worker: dict = {}
+
+
+def _init_limit(cfg_json: str, threads: int, device: str = "cpu") -> None:
     import torch
 
-    from harness.config import ExperimentConfig
+    torch.set_num_threads(threads)
+    cfg = ExperimentConfig.model_validate_json(cfg_json)
+    bench = Workbench(cfg, device=device)
+    _worker["runner"] = ClientRunner(bench, _strategy(bench), cfg.engine.model_copy(update={"batch_clients": False}))
+
+
+def _limit_chunk(payload: bytes) -> bytes:
+    broadcast, tasks = pickle.loads(payload)
+    return pickle.dumps(_worker["runner"].run(broadcast, tasks), pickle.HIGHEST_PROTOCOL)
+
+
+# -- the plain loop -----------------------------------------------------------------------------------
+def _plain_cnn(num_classes: int):
+    """The paper's MNIST CNN as a plain nn.Sequential (the same layers as harness.models.CNN)."""
+    import torch.nn as nn
+
+    return nn.Sequential(nn.Conv2d(1, 10, 5), nn.MaxPool2d(2), nn.ReLU(), nn.Conv2d(10, 20, 5), nn.MaxPool2d(2),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(320, 50), nn.ReLU(), nn.Linear(50, num_classes))
+
+
+def _init_plain(cfg_json: str, threads: int, device: str = "cpu") -> None:
+    """The worker's data (every client's normalised training images), model and settings."""
+    import torch
 
     torch.set_num_threads(threads)
-    _worker_bench = Workbench(ExperimentConfig.model_validate_json(cfg_json), device=device)
+    cfg = ExperimentConfig.model_validate_json(cfg_json)
+    bench = Workbench(cfg, device=device)  # for the data and the partition only
+    _worker.update(cfg=cfg, device=device, data=[bench.train_data(c) for c in range(cfg.clients.total)],
+                   model=_plain_cnn(bench.num_classes).to(device))
 
 
-def _run_chunk(payload: bytes) -> bytes:
-    # Plain pickles both ways: multiprocessing's own pickler would move every tensor into a new
-    # shared-memory segment and pass its file descriptor, which costs more than copying the bytes.
+def _plain_chunk(payload: bytes) -> bytes:
+    import torch
+    import torch.nn.functional as F
+
     broadcast, tasks = pickle.loads(payload)
-    return pickle.dumps([execute(_worker_bench.strategy, broadcast, t) for t in tasks], pickle.HIGHEST_PROTOCOL)
+    cfg, model = _worker["cfg"], _worker["model"]
+    names = list(broadcast)  # fedbench's parameter names, in the order of the plain model's parameters
+    train, results = cfg.train, []
+    for task in tasks:
+        model.load_state_dict(dict(zip(model.state_dict(), (broadcast[n].to(_worker["device"]) for n in names))))
+        lr = train.lr * train.lr_decay ** task.round
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=train.weight_decay)
+        generator = torch.Generator().manual_seed(seed_of(cfg.seed, "client", task.round, task.client_id))
+        x, y = _worker["data"][task.client_id]
+        loss_sum, correct = 0.0, 0
+        for _ in range(train.epochs):
+            order = torch.randperm(len(y), generator=generator)
+            for start in range(0, len(y), train.batch_size):
+                batch = order[start:start + train.batch_size].to(x.device)
+                optimizer.zero_grad()
+                logits = model(x[batch])
+                loss = F.cross_entropy(logits, y[batch])
+                loss.backward()
+                optimizer.step()
+                loss_sum += loss.item() * len(batch)
+                correct += int((logits.argmax(1) == y[batch]).sum())
+        samples = train.epochs * len(y)
+        trained = {n: v.detach().cpu().clone() for n, v in zip(names, model.state_dict().values())}
+        results.append(ClientResult(task.client_id, task.round, payload=trained, num_samples=len(y),
+                                    train_loss=loss_sum / samples, train_acc=correct / samples))
+    return pickle.dumps(results, pickle.HIGHEST_PROTOCOL)
+
+
+class _SameTraining:
+    """Checks, every round, that the plain loop trained every client as fedbench did."""
+
+    def __init__(self, fedbench_run: int, plain_run: int):
+        self.runs, self.same, self.max_loss_rel = (fedbench_run, plain_run), True, 0.0
+
+    def __call__(self, outputs):
+        ours, plain = (outputs[k] for k in self.runs)
+        for a, b in zip(ours, plain):
+            self.same &= (a.client_id, a.train_acc) == (b.client_id, b.train_acc)
+            self.max_loss_rel = max(self.max_loss_rel, abs(a.train_loss - b.train_loss) / max(abs(a.train_loss), 1e-12))
+        self.same &= self.max_loss_rel <= 1e-5
 
 
 def run_bench(clients_per_round: int = 10, rounds: int = 10, clients: int = 100, executors: int = 2,
@@ -203,7 +304,6 @@ def run_bench(clients_per_round: int = 10, rounds: int = 10, clients: int = 100,
               epochs: int = 1) -> dict:
     import torch
 
-    from harness.batched import cuda_graphs_enabled
     from harness.ray_engine import RayEngine
 
     require_device(device)
@@ -211,33 +311,41 @@ def run_bench(clients_per_round: int = 10, rounds: int = 10, clients: int = 100,
         dataset, dataset_label = (None, "mnist-5k") if workload_name == "mnist" else cifar_dataset(folder)
         cfg = workload(clients, clients_per_round, executors, cpus_per_executor, workload_name, dataset, device, epochs)
         bench = Workbench(cfg, device=device)
+        strategy = _strategy(bench)
         threads = torch_threads(cpus_per_executor)
         serial = SerialEngine(cfg.engine)
-        serial.start(bench)
+        serial.start(bench, strategy)
         batched = SerialEngine(cfg.engine.model_copy(update={"batch_clients": True}))
-        batched.start(bench)
+        batched.start(bench, strategy)
         serial_s, batched_s = _time(bench, rounds, serial.run, batched.run)
 
         # Memory is sampled while the Ray pool starts and over two rounds after the timed ones, with
-        # the process pool gone: reading every process's memory map costs CPU the executors would miss.
+        # the process pools gone: reading every process's memory map costs CPU the executors would miss.
         memory = PeakMemory()
         engine = RayEngine(cfg.engine)
+        pools = []
         try:
             with memory:
                 engine.start(bench)
-            ctx = mp.get_context("spawn")  # no server process left behind to count in the Ray run
-            with ctx.Pool(executors, initializer=_init_worker,
-                          initargs=(cfg.model_dump_json(), threads, device)) as pool:
-                def limit_run(broadcast, tasks):
-                    size = -(-len(tasks) // executors)
-                    parts = [pickle.dumps((broadcast, tasks[i:i + size]), pickle.HIGHEST_PROTOCOL)
-                             for i in range(0, len(tasks), size)]
-                    return [r for part in pool.map(_run_chunk, parts) for r in pickle.loads(part)]
-                limit_s, ray_s = _time(bench, rounds, limit_run, engine.run)
+            args = (cfg.model_dump_json(), threads, device)
+            pools.append(_Pool(executors, _init_limit, args, _limit_chunk))
+            runs = [pools[0].run, engine.run]
+            same = None
+            if workload_name == "mnist":
+                pools.append(_Pool(executors, _init_plain, args, _plain_chunk))
+                runs.append(pools[1].run)
+                same = _SameTraining(1, 2)
+            limit_s, ray_s, *plain = _time(bench, rounds, *runs, compare=same)
+            for pool in pools:
+                pool.close()
+            pools = []
             with memory:
                 _time(bench, 2, engine.run)
         finally:
+            for pool in pools:
+                pool.close()
             engine.close()
+    plain_s = plain[0] if plain else None
     import ray
 
     t = cfg.train
@@ -246,6 +354,10 @@ def run_bench(clients_per_round: int = 10, rounds: int = 10, clients: int = 100,
         "executors": executors, "cpus_per_executor": cpus_per_executor,
         "serial_s_per_round": round(serial_s, 4), "limit_s_per_round": round(limit_s, 4),
         "ray_s_per_round": round(ray_s, 4), "ray_vs_limit": round(ray_s / limit_s, 3),
+        "plain_s_per_round": round(plain_s, 4) if plain_s else None,
+        "ray_vs_plain": round(ray_s / plain_s, 3) if plain_s else None,
+        "plain_same_training": same.same if same else None,
+        "plain_max_loss_rel_diff": same.max_loss_rel if same else None,
         "ray_vs_serial": round(ray_s / serial_s, 3), "peak_rss_mb": round(memory.peak_rss / 2**20, 1),
         "peak_pss_mb": round(memory.peak_pss / 2**20, 1),
         "batched_s_per_round": round(batched_s, 4), "batched_vs_serial": round(batched_s / serial_s, 3),
@@ -277,5 +389,8 @@ def print_bench(result: dict, as_json: bool) -> None:
     print(f"  limit (procs)   {r['limit_s_per_round']:.4f} s/round")
     print(f"  ray             {r['ray_s_per_round']:.4f} s/round   ray/limit {r['ray_vs_limit']:.3f}   "
           f"ray/serial {r['ray_vs_serial']:.3f}")
+    if r["plain_s_per_round"] is not None:
+        print(f"  plain loop      {r['plain_s_per_round']:.4f} s/round   ray/plain {r['ray_vs_plain']:.3f}   "
+              f"same training: {'yes' if r['plain_same_training'] else 'NO'}")
     print(f"  peak memory of the process tree during the Ray run: {r['peak_rss_mb']:.0f} MB summed RSS, "
           f"{r['peak_pss_mb']:.0f} MB summed PSS (shared pages counted once)")

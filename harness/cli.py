@@ -93,11 +93,11 @@ def cmd_run(args) -> int:
     from harness import config
     from harness.experiment import Experiment
     from harness.report import print_summary
-    from harness.workbench import Workbench
+    from harness.validation import validate
 
     experiments, _ = config.load(args.config, args.overrides, args.out)
     for cfg in experiments:  # every input error surfaces before anything is written
-        Workbench(cfg)
+        validate(cfg)
     summaries, failed = [], 0
     for cfg in experiments:
         try:
@@ -114,7 +114,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_methods(args) -> int:
-    from harness.strategy import available_methods, method_class
+    from harness.registry import available_methods, method_class
 
     for name in available_methods():
         cls = method_class(name)
@@ -163,12 +163,12 @@ def _report(folder: Path, output: str | None, target: float | None) -> None:
 def cmd_sweep(args) -> int:
     from harness import config
     from harness.sweep import SweepFailed, SweepInterrupted, run_sweep
-    from harness.workbench import Workbench
+    from harness.validation import validate
 
     target = _target(args.target_acc)
     experiments, sweep = config.load(args.config, args.overrides)
     for cfg in experiments:
-        Workbench(cfg)
+        validate(cfg)
     name = args.name or Path(args.config).stem
     out = Path(args.out or Path("results") / name)
     failed = None

@@ -16,6 +16,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from harness.errors import ConfigError
+from harness.records import Tier
+from harness.registry import method_class
 
 DATASETS = ("mnist-5k", "mnist", "fashion-mnist", "cifar10", "cifar100")
 MODELS = ("auto", "cnn", "vgg11", "vgg13", "resnet18")
@@ -70,13 +72,6 @@ class TrainConfig(Strict):
     lr_decay: float = Field(0.998, gt=0, le=1)
     weight_decay: float = Field(1.2e-6, ge=0)
     momentum: float = Field(0.0, ge=0, lt=1)
-
-
-class Tier(Strict):
-    name: str
-    cap: float = Field(gt=0, le=1)
-    compute_mflops: float = Field(gt=0)
-    proportion: float = Field(1.0, ge=0)
 
 
 PAPER_TIERS = [
@@ -218,12 +213,15 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         text = p.read_text()
     except OSError as e:
         raise ConfigError(str(path), f"cannot read file ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(str(path), "not a text file (expected a YAML config)") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(str(path), f"not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ConfigError(str(path), f"not valid YAML{where}: {problem}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -277,24 +275,20 @@ def _raise_validation(err: ValidationError, prefix: str = "") -> None:
 
 def validate_experiment(raw: dict[str, Any]) -> ExperimentConfig:
     """Validate a plain experiment mapping, including the chosen method's own parameters."""
-    from harness.strategy import method_params_model  # methods are plugins; import late
-
     try:
         cfg = ExperimentConfig.model_validate(raw)
     except ValidationError as e:
         _raise_validation(e)
-    params_model = method_params_model(cfg.method.name)
-    try:
-        params_model.model_validate(cfg.method.params())
-    except ValidationError as e:
-        _raise_validation(e, prefix="method")
+    method_params(cfg)
     return cfg
 
 
 def method_params(cfg: ExperimentConfig):
-    from harness.strategy import method_params_model
-
-    return method_params_model(cfg.method.name).model_validate(cfg.method.params())
+    """The validated parameters of the experiment's method."""
+    try:
+        return method_class(cfg.method.name).Params.model_validate(cfg.method.params())
+    except ValidationError as e:
+        _raise_validation(e, prefix="method")
 
 
 def split_sweep(raw: dict[str, Any]) -> tuple[dict[str, Any], SweepFile]:

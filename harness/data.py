@@ -123,6 +123,15 @@ def _npz(path: str) -> Dataset:
         raise ConfigError("data.dataset", f"{p} lacks array {e}") from None
     except (OSError, ValueError) as e:
         raise ConfigError("data.dataset", f"cannot read {p}: {e}") from None
+    for key in ("y_train", "y_test"):
+        y = np.asarray(arrays[key])
+        if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer) or np.array_equal(y, np.round(y))):
+            raise ConfigError("data.dataset", f"{p.name}: {key} must be a 1-D array of integer class labels")
+        if len(y) and y.min() < 0:
+            raise ConfigError("data.dataset", f"{p.name}: {key} holds labels outside 0..classes-1 "
+                                              f"(smallest: {y.min()})")
+    if len(arrays["x_train"]) != len(arrays["y_train"]) or len(arrays["x_test"]) != len(arrays["y_test"]):
+        raise ConfigError("data.dataset", f"{p.name}: x_train/y_train or x_test/y_test differ in length")
     return _finish(f"npz:{p.name}", **arrays)
 
 
@@ -143,16 +152,24 @@ def load_dataset(cfg: DataConfig) -> Dataset:
 # Partition
 
 
+TEST_SETS = ("mirrored",)  # the constructions of per-client test sets every run evaluates on
+TEST_SET_SUFFIX = {"mirrored": ""}  # of their columns in the results
+
+
 @dataclass(frozen=True)
 class ClientData:
     train: np.ndarray  # indices into the training set
     val: np.ndarray  # indices into the training set, never trained on
-    test: np.ndarray  # indices into the test set
+    tests: dict[str, np.ndarray]  # per construction (TEST_SETS), indices into the test set
     classes: np.ndarray  # labels present in train + val
 
     @property
     def num_samples(self) -> int:
         return len(self.train)
+
+    @property
+    def test(self) -> np.ndarray:
+        return self.tests["mirrored"]
 
 
 def _shards(labels: np.ndarray, split: SplitConfig, num_clients: int, gen: np.random.Generator):
@@ -214,6 +231,7 @@ def partition(y_train: np.ndarray, y_test: np.ndarray, split: SplitConfig, num_c
         test = [gen.choice(test_by_class.get(c, np.empty(0, np.int64)),
                            size=min(n, len(test_by_class.get(c, ()))), replace=False)
                 for c, n in zip(classes, counts)]
+        mirrored = np.sort(np.concatenate(test)).astype(np.int64)
         clients.append(ClientData(train=np.sort(idx[n_val:]), val=np.sort(idx[:n_val]),
-                                  test=np.sort(np.concatenate(test)).astype(np.int64), classes=classes))
+                                  tests={"mirrored": mirrored}, classes=classes))
     return clients

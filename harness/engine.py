@@ -1,37 +1,35 @@
-"""Engines execute a round's client tasks. The serial engine runs them in this process; the Ray
-engine (harness/ray_engine.py) on a pool of executor actors. Both run their tasks through
-`execute_tasks` (each task through `execute`, or all of them through the strategy's
-`local_update_batch` when `engine.batch_clients` is on) and return the results in task order, so
-the same config gives the same numbers on either."""
+"""Engines execute a round's client tasks and return their results in task order, so the same config
+gives the same numbers on either engine.
+
+An engine satisfies `Engine`: the serial engine (here) runs the tasks in this process; the Ray engine
+(harness/ray_engine.py) on a pool of executor actors. Both run a call's tasks through a
+`ClientRunner`: each task's LocalJob (the method's description of the client's training) is trained
+one by one, or, with `engine.batch_clients`, together with the jobs of its shape as one batched
+program (harness/batched/), from captured CUDA graphs where `engine.cuda_graphs` allows.
+"""
 from __future__ import annotations
 
-import logging
-import math
 import traceback
-from contextlib import contextmanager
+from typing import Any, Protocol
 
 import torch
 
-from harness.config import EngineConfig
-from harness.strategy import ClientResult, ClientTask, Strategy
-
-log = logging.getLogger(__name__)
-
-
-def torch_threads(cpus: float) -> int:
-    """Threads for a quota of `cpus`: as many as it allows, at least one. Results depend on the thread
-    count, so equal quotas give equal numbers on every backend."""
-    return max(1, math.floor(cpus + 1e-9))
+from harness.batched import GraphCache, train_jobs
+from harness.records import ClientResult, ClientTask
+from harness.training import LocalJob, threads, torch_threads, train_alone
 
 
-@contextmanager
-def threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+class Engine(Protocol):
+    name: str
+
+    def start(self, bench, strategy) -> None:
+        """Get ready to run the experiment's tasks (`bench`: the driver's Workbench)."""
+
+    def run(self, broadcast: Any, tasks: list[ClientTask]) -> list[ClientResult]:
+        """The tasks' results, in task order; a client that fails gives a result of status error."""
+
+    def close(self) -> None:
+        ...
 
 
 def failed_result(task: ClientTask, e: BaseException) -> ClientResult:
@@ -41,42 +39,59 @@ def failed_result(task: ClientTask, e: BaseException) -> ClientResult:
     return ClientResult(task.client_id, task.round, status="error", error=f"{type(e).__name__}: {e}{where}")
 
 
-def execute(strategy: Strategy, broadcast, task: ClientTask) -> ClientResult:
-    """Run one client task; an exception becomes a failed result, never a failed round."""
-    try:
-        result = strategy.local_update(broadcast, task)
-    except Exception as e:  # noqa: BLE001 - a client's failure is data, not a crash
-        return failed_result(task, e)
-    return result
-
-
-def batching_enabled(cfg: EngineConfig, device) -> bool:
+def batching_enabled(cfg, device) -> bool:
     """engine.batch_clients for an executor on `device`: 'auto' is on with CUDA, off on CPU."""
     if cfg.batch_clients == "auto":
         return torch.device(device).type == "cuda"
     return bool(cfg.batch_clients)
 
 
-def execute_batch(strategy: Strategy, broadcast, tasks: list[ClientTask]) -> list[ClientResult]:
-    """All tasks through the strategy's `local_update_batch` (results in task order, a raising client
-    a failed result). Should the call itself raise, or answer out of order, the tasks run one by
-    one through `execute`, so that only a faulty client fails."""
-    try:
-        results = strategy.local_update_batch(broadcast, tasks)
-        if [(r.client_id, r.round) for r in results] != [(t.client_id, t.round) for t in tasks]:
-            raise RuntimeError("local_update_batch returned results that do not match the tasks in order")
-        return results
-    except Exception as e:  # noqa: BLE001 - retried one by one
-        log.warning("batched execution of %d tasks failed (%s: %s); running them one by one",
-                    len(tasks), type(e).__name__, e)
-        return [execute(strategy, broadcast, t) for t in tasks]
+def cuda_graphs_enabled(cfg, device) -> bool:
+    """engine.cuda_graphs: 'auto' and True mean on where the device is CUDA; never on a CPU."""
+    return cfg.cuda_graphs in ("auto", True) and torch.device(device).type == "cuda" and torch.cuda.is_available()
 
 
-def execute_tasks(strategy: Strategy, broadcast, tasks: list[ClientTask], batch: bool) -> list[ClientResult]:
-    """A call's tasks, batched or one by one; results in task order either way."""
-    if batch and tasks:
-        return execute_batch(strategy, broadcast, tasks)
-    return [execute(strategy, broadcast, t) for t in tasks]
+class ClientRunner:
+    """Runs a call's tasks in this process with `strategy` and `bench` (this process's Workbench).
+
+    One by one, each job is prepared, trained on this process's model of its spec and turned into
+    its result before the next (one model per spec in memory). Batched, all jobs are prepared, then
+    trained by group, then turned into results. A client that raises anywhere becomes a failed
+    result; the others go on."""
+
+    def __init__(self, bench, strategy, engine_cfg):
+        self.bench, self.strategy = bench, strategy
+        self.batch = batching_enabled(engine_cfg, bench.device)
+        self.graphs = GraphCache() if self.batch and cuda_graphs_enabled(engine_cfg, bench.device) else None
+
+    def run(self, broadcast, tasks: list[ClientTask]) -> list[ClientResult]:
+        if not self.batch:
+            return [self.run_one(broadcast, task) for task in tasks]
+        results: list[ClientResult | None] = [None] * len(tasks)
+        pending: list[tuple[int, LocalJob]] = []
+        for i, task in enumerate(tasks):
+            try:
+                pending.append((i, self.strategy.local_job(broadcast, task)))
+            except Exception as e:  # noqa: BLE001 - a client's failure is data, not a crash
+                results[i] = failed_result(task, e)
+        errors = train_jobs([job for _, job in pending], self.bench, self.graphs)
+        for (i, job), error in zip(pending, errors):
+            results[i] = failed_result(tasks[i], error) if error is not None else self._result(broadcast, tasks[i], job)
+        return results  # type: ignore[return-value]
+
+    def run_one(self, broadcast, task: ClientTask) -> ClientResult:
+        try:
+            job = self.strategy.local_job(broadcast, task)
+            train_alone(job, self.bench.loaded(job))
+        except Exception as e:  # noqa: BLE001
+            return failed_result(task, e)
+        return self._result(broadcast, task, job)
+
+    def _result(self, broadcast, task: ClientTask, job: LocalJob) -> ClientResult:
+        try:
+            return self.strategy.local_result(broadcast, task, job)
+        except Exception as e:  # noqa: BLE001
+            return failed_result(task, e)
 
 
 class SerialEngine:
@@ -84,25 +99,16 @@ class SerialEngine:
 
     name = "serial"
 
-    def __init__(self, cfg: EngineConfig):
+    def __init__(self, cfg):
         self.cfg = cfg
         self.threads = torch_threads(cfg.cpus_per_executor)
 
-    def start(self, bench) -> None:
-        self.strategy = bench.strategy
-        self.batch = batching_enabled(self.cfg, bench.device)
+    def start(self, bench, strategy) -> None:
+        self.runner = ClientRunner(bench, strategy, self.cfg)
 
     def run(self, broadcast, tasks: list[ClientTask]) -> list[ClientResult]:
         with threads(self.threads):
-            return execute_tasks(self.strategy, broadcast, tasks, self.batch)
+            return self.runner.run(broadcast, tasks)
 
     def close(self) -> None:
         pass
-
-
-def make_engine(cfg: EngineConfig):
-    if cfg.backend == "ray":
-        from harness.ray_engine import RayEngine
-
-        return RayEngine(cfg)
-    return SerialEngine(cfg)

@@ -18,13 +18,15 @@ from typing import Any, Callable
 
 import numpy as np
 
-from harness.config import ExperimentConfig, axis_label
+from harness.config import EngineConfig, ExperimentConfig, axis_label, method_params
 from harness.cost import client_time
-from harness.engine import make_engine
-from harness.results import CLIENT_EXTRAS, CLIENTS, ROUNDS, SUMMARY, write_table, write_yaml
+from harness.engine import Engine, SerialEngine
+from harness.ray_engine import RayEngine
+from harness.records import ClientResult, ClientSlot, ClientTask
+from harness.registry import declared_columns, method_class
+from harness.results import CLIENTS, ROUNDS, SUMMARY, with_columns, write_table, write_yaml
 from harness.seeding import rng
 from harness.state import DiskStore, MemoryStore
-from harness.strategy import ClientResult, ClientSlot, ClientTask
 from harness.workbench import Workbench
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,10 @@ def setting_label(cfg: ExperimentConfig) -> str:
     return f"{dataset}_{split}_{cfg.clients.total}c{cfg.clients.per_round}_{digest}"
 
 
+def make_engine(cfg: EngineConfig) -> Engine:
+    return RayEngine(cfg) if cfg.backend == "ray" else SerialEngine(cfg)
+
+
 class Experiment:
     """One federated experiment. `on_round(row, checkpoint)` is called after every evaluated round
     with its rounds.parquet row and, every `cfg.checkpoint_every` rounds, a function returning the
@@ -55,7 +61,10 @@ class Experiment:
         self.cfg = cfg
         self.out_dir = Path(cfg.out).expanduser() / cfg.name
         self.bench = Workbench(cfg)
-        self.strategy = self.bench.strategy
+        method = method_class(cfg.method.name)
+        self.strategy = method(self.bench, method_params(cfg))
+        self.round_columns = declared_columns("round", cfg.method.name)
+        self.client_columns = declared_columns("client", cfg.method.name)
         self.store = (DiskStore(self.out_dir / "client_state.sqlite") if cfg.engine.state_store == "disk"
                       else MemoryStore())
         self.strategy.setup(self.store)
@@ -88,17 +97,17 @@ class Experiment:
     # -- the loop ----------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
-        write_yaml(self.out_dir / "config.yaml", cfg.model_dump(mode="json"))
         owns_engine = self.engine is None
         engine = self.engine or make_engine(cfg.engine)
         bar = None
-        if self.progress:
-            from tqdm import tqdm
-            bar = tqdm(total=cfg.rounds, initial=self.next_round, desc=cfg.name, unit="round", dynamic_ncols=True)
-        last_flush = time.monotonic()
         last_checkpoint = self.next_round
         try:
-            engine.start(self.bench)
+            engine.start(self.bench, self.strategy)  # a pool the cluster cannot hold fails before any write
+            write_yaml(self.out_dir / "config.yaml", cfg.model_dump(mode="json"))
+            if self.progress:
+                from tqdm import tqdm
+                bar = tqdm(total=cfg.rounds, initial=self.next_round, desc=cfg.name, unit="round", dynamic_ncols=True)
+            last_flush = time.monotonic()
             while self.next_round < cfg.rounds:
                 row = self._play_round(engine, self.next_round)
                 self.next_round += 1
@@ -133,16 +142,19 @@ class Experiment:
         tasks = [ClientTask(s.client_id, rnd, s.tier, ins, self.store.get(s.client_id))
                  for s, ins in zip(slots, instructions)]
         results = engine.run(broadcast, tasks)
-        ok = [r for r in results if r.ok]
         for slot, r in zip(slots, results):
-            if r.ok:
+            if r.trained:
                 t = client_time(slot.tier, cfg.devices, r.flops, r.bytes_down, r.bytes_up)
                 r.sim_down_s, r.sim_compute_s, r.sim_up_s = t.down_s, t.compute_s, t.up_s
-                if r.state is not None:
-                    self.store.put(r.client_id, r.state)
             else:
                 log.warning("client %d failed in round %d: %s", r.client_id, rnd, r.error)
-        extras = strategy.aggregate(rnd, ok) if ok else {}
+        ok = [r for r in results if r.ok]
+        dropped = [r for r in results if not r.ok]
+        for r in ok + (dropped if strategy.stores_state_of_dropped else []):
+            if r.trained and r.state is not None:
+                self.store.put(r.client_id, r.state)
+        extras = strategy.aggregate(rnd, ok, dropped)
+        self._check_columns(extras, self.round_columns, "round")
         self.clients.extend(self._client_row(slot, r) for slot, r in zip(slots, results))
         flops, up, down = sum(r.flops for r in ok), sum(r.bytes_up for r in ok), sum(r.bytes_down for r in ok)
         sim_round = max((r.sim_s for r in ok), default=0.0)
@@ -158,24 +170,24 @@ class Experiment:
         if ev is None:
             return None
         weights = np.array([r.num_samples for r in ok], dtype=float)
+        acc = ev.clients["mirrored"]
         row = dict(
             self.identity, round=rnd,
-            acc_clients_mean=float(np.nanmean(ev.client_acc)), acc_clients_std=float(np.nanstd(ev.client_acc)),
+            acc_clients_mean=float(np.nanmean(acc)), acc_clients_std=float(np.nanstd(acc)),
             acc_global=ev.acc_global,
             train_loss=_weighted([r.train_loss for r in ok], weights),
             train_acc=_weighted([r.train_acc for r in ok], weights),
             clients_ok=len(ok), clients_failed=len(results) - len(ok),
             keep_ratio_mean=float(np.mean([r.keep_ratio for r in ok])) if ok else None,
-            density=extras.get("density"),
             sim_round_s=sim_round, sim_total_s=totals["sim"], flops=flops, flops_total=totals["flops"],
             bytes_up=up, bytes_down=down, bytes_up_total=totals["up"], bytes_down_total=totals["down"],
-            wall_s=wall, wall_total_s=totals["wall"])
+            wall_s=wall, wall_total_s=totals["wall"], **extras)
         self.rounds.append(row)
         return row
 
     def _flush(self) -> None:
-        write_table(self.out_dir / "rounds.parquet", self.rounds, ROUNDS)
-        write_table(self.out_dir / "clients.parquet", self.clients, CLIENTS)
+        write_table(self.out_dir / "rounds.parquet", self.rounds, with_columns(ROUNDS, self.round_columns))
+        write_table(self.out_dir / "clients.parquet", self.clients, with_columns(CLIENTS, self.client_columns))
 
     def _summary(self) -> dict[str, Any]:
         rounds, totals = self.rounds, self.totals
@@ -187,10 +199,14 @@ class Experiment:
         write_table(self.out_dir / "summary.parquet", [summary], SUMMARY)
         return summary
 
-    def _client_row(self, slot: ClientSlot, r: ClientResult) -> dict[str, Any]:
-        unknown = set(r.metrics) - CLIENT_EXTRAS
+    def _check_columns(self, values: dict[str, Any], declared: dict[str, Any], kind: str) -> None:
+        unknown = set(values) - set(declared)
         if unknown:
-            raise ValueError(f"result metrics {sorted(unknown)} have no column in clients.parquet")
+            raise ValueError(f"method {self.cfg.method.name} reports {kind} values {sorted(unknown)} that are not "
+                             f"among its {kind}_columns")
+
+    def _client_row(self, slot: ClientSlot, r: ClientResult) -> dict[str, Any]:
+        self._check_columns(r.metrics, self.client_columns, "client")
         row = dict(self.identity, round=r.round, client_id=r.client_id, tier=slot.tier.name, cap=slot.tier.cap,
                    num_samples=slot.num_samples, status=r.status, error=r.error)
         if r.ok:

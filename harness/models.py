@@ -36,6 +36,16 @@ class Dim:
     repeat: int = 1
 
 
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model to build for a client: units kept per group, the norm kind and HeteroFL's scaler
+    rate. Hashable: an executor keeps one built model per spec and reuses it across clients."""
+
+    widths: tuple[tuple[str, int], ...]
+    norm: str
+    rate: float = 1.0
+
+
 class UnitModel(nn.Module):
     FULL: dict[str, int] = {}
 

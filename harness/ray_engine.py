@@ -19,10 +19,13 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from harness.config import EngineConfig, ExperimentConfig
-from harness.engine import batching_enabled, execute_tasks, torch_threads
+from harness.config import EngineConfig, ExperimentConfig, method_params
+from harness.engine import ClientRunner
 from harness.errors import UserError
-from harness.strategy import ClientResult, ClientTask
+from harness.records import ClientResult, ClientTask
+from harness.registry import method_class
+from harness.training import torch_threads
+from harness.workbench import Workbench
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +42,10 @@ class Executor:
         dataset = ray.get(dataset_ref[0]) if dataset_ref else None  # None: load it from the config
         torch.set_num_threads(torch_threads(cpus))
         device = "cuda" if use_cuda and torch.cuda.is_available() else "cpu"
-        from harness.workbench import Workbench
-
-        self.bench = Workbench(ExperimentConfig.model_validate_json(cfg_json), device=device, dataset=dataset)
+        cfg = ExperimentConfig.model_validate_json(cfg_json)
+        self.bench = Workbench(cfg, device=device, dataset=dataset)
+        self.strategy = method_class(cfg.method.name)(self.bench, method_params(cfg))
+        self.runner = ClientRunner(self.bench, self.strategy, cfg.engine)
 
     def ready(self) -> dict:
         import torch
@@ -49,8 +53,7 @@ class Executor:
         return {"pid": os.getpid(), "device": str(self.bench.device), "threads": torch.get_num_threads()}
 
     def run(self, broadcast, tasks: list[ClientTask]) -> list[ClientResult]:
-        batch = batching_enabled(self.bench.cfg.engine, self.bench.device)
-        return execute_tasks(self.bench.strategy, broadcast, tasks, batch)
+        return self.runner.run(broadcast, tasks)
 
 
 def connect(include_dashboard: bool = False) -> None:
@@ -133,7 +136,8 @@ class RayEngine:
     def executor_info(self) -> list[dict]:
         return [i for pool in self.pools for i in pool.info]
 
-    def start(self, bench) -> None:
+    def start(self, bench, strategy=None) -> None:
+        """Start the pools for `bench`'s experiment; each executor builds its own copy of the strategy."""
         import ray
 
         connect(self.cfg.include_dashboard)

@@ -1,9 +1,11 @@
-"""Parquet results: fixed schemas (results/README.md documents every column), atomic writes.
+"""Parquet results: schemas (results/README.md documents every column), atomic writes.
 
 Every experiment folder holds rounds.parquet, clients.parquet, summary.parquet and config.yaml. The
-schemas are the same for every method (method-specific columns are null elsewhere), so a folder of
-experiments is one dataset: `pd.read_parquet(list_of_files)`, `pl.read_parquet("DIR/*/rounds.parquet")`
-or DuckDB's `read_parquet('DIR/*/rounds.parquet')`.
+harness's columns below are the same for every method; methods add their own columns
+(Strategy.client_columns, round_columns), and every file holds those of all registered methods
+(null where a method has none), so a folder of experiments is one dataset:
+`pd.read_parquet(list_of_files)`, `pl.read_parquet("DIR/*/rounds.parquet")` or DuckDB's
+`read_parquet('DIR/*/rounds.parquet')`.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ IDENTITY = [("experiment", S), ("setting", S), ("method", S), ("method_label", S
 ROUNDS = pa.schema(IDENTITY + [
     ("round", I), ("acc_clients_mean", F), ("acc_clients_std", F), ("acc_global", F),
     ("train_loss", F), ("train_acc", F), ("clients_ok", I), ("clients_failed", I),
-    ("keep_ratio_mean", F), ("density", F),
+    ("keep_ratio_mean", F),
     ("sim_round_s", F), ("sim_total_s", F),
     ("flops", F), ("flops_total", F),
     ("bytes_up", I), ("bytes_down", I), ("bytes_up_total", I), ("bytes_down_total", I),
@@ -37,7 +39,6 @@ CLIENTS = pa.schema(IDENTITY + [
     ("flops", F), ("bytes_up", I), ("bytes_down", I),
     ("sim_s", F), ("sim_down_s", F), ("sim_compute_s", F), ("sim_up_s", F),
     ("train_acc", F), ("train_loss", F), ("status", S), ("error", S),
-    ("arm_low", F), ("arm_high", F), ("density", F), ("acc_personal", F),
 ])
 
 SUMMARY = pa.schema(IDENTITY + [
@@ -46,7 +47,14 @@ SUMMARY = pa.schema(IDENTITY + [
     ("wall_total_s", F),
 ])
 
-CLIENT_EXTRAS = {"arm_low", "arm_high", "density", "acc_personal"}
+
+
+def with_columns(schema: pa.Schema, extra: dict[str, pa.DataType]) -> pa.Schema:
+    """`schema` followed by a method's own columns."""
+    for name in extra:
+        if name in schema.names:
+            raise ValueError(f"a method's column {name!r} is a column of the harness")
+    return pa.schema(list(schema) + [pa.field(n, t) for n, t in extra.items()])
 
 
 def write_atomic(path: Path, write) -> None:

@@ -1,105 +1,74 @@
-"""The Strategy interface: what a federated method is, in four parts.
+"""The Strategy interface: what a federated method is.
 
 - configure: what each sampled client receives (a broadcast shared by the round, plus a small
   per-client instruction such as its keep ratio);
-- local_update: the client's local work, a pure function of the broadcast, its instruction and its
-  personal state; it runs wherever the engine puts it (in process, or on a Ray executor);
-- aggregate: how the server combines the results, in the fixed order of the client ids;
+- local_job: the client's local training described as data (harness.training.LocalJob: its model,
+  data, masks and hyper-parameters), a pure function of the broadcast, the instruction and the
+  client's personal state; the engine trains it wherever and however it runs clients (in process or
+  on a Ray executor; one by one or batched);
+- local_result: the trained job turned into what the client uploads;
+- aggregate: how the server combines the kept results, in the fixed order of the client ids, and
+  what it makes of the dropped ones;
 - evaluate: how each client's model is evaluated.
 
-A method never touches Ray and the engine never branches on a method. Methods are plugins found
-through the `fedbench.methods` entry-point group (see pyproject.toml).
+A method never touches Ray and the engine never branches on a method. A method states the extra
+columns it writes (`client_columns`, `round_columns`, with their Arrow types). Methods are found
+through harness/registry.py.
 """
 from __future__ import annotations
 
-import functools
-import importlib
-import math
-from dataclasses import dataclass, field
-from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
-import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+import pyarrow as pa
+import torch.nn as nn
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from harness.config import Tier
-from harness.errors import ConfigError
-
-if TYPE_CHECKING:
-    from harness.state import StateStore
-    from harness.workbench import Workbench
+from harness.records import ClientResult, ClientSlot, ClientTask, Evaluation
+from harness.training import LocalJob
 
 
 class MethodParams(BaseModel):
     """Parameters every method has; a method's own Params subclass this."""
 
     model_config = ConfigDict(extra="forbid")
-    clip_grad_norm: float | None = Field(None, gt=0, description="gradient-norm clipping in local training")
+    clip_grad_norm: float | None = Field(None, description="gradient-norm clipping in local training")
 
-
-@dataclass
-class ClientSlot:
-    """A sampled client as the server sees it when configuring a round."""
-
-    client_id: int
-    tier: Tier
-    num_samples: int
-
-
-@dataclass
-class ClientTask:
-    client_id: int
-    round: int
-    tier: Tier
-    instruction: Any = None
-    state: Any = None  # the client's personal state from the store; None before its first round
-
-
-@dataclass
-class ClientResult:
-    client_id: int
-    round: int
-    status: str = "ok"  # "ok" or "error"
-    error: str | None = None
-    payload: Any = None  # what the client uploads, in the method's own form
-    num_samples: int = 0  # local training samples (the weight of sample-weighted means)
-    train_loss: float = math.nan
-    train_acc: float = math.nan
-    keep_ratio: float = 1.0
-    flops: float = 0.0  # training FLOPs actually spent
-    bytes_up: int = 0
-    bytes_down: int = 0
-    metrics: dict[str, float] = field(default_factory=dict)  # extra per-client columns
-    state: Any = None  # new personal state; None keeps the stored one
-    # Filled in by the harness from the cost model:
-    sim_down_s: float = math.nan
-    sim_compute_s: float = math.nan
-    sim_up_s: float = math.nan
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok"
-
-    @property
-    def sim_s(self) -> float:
-        return self.sim_down_s + self.sim_compute_s + self.sim_up_s
-
-
-@dataclass
-class Evaluation:
-    client_acc: np.ndarray  # per client, over all clients, with the model each would use
-    acc_global: float | None = None  # the global model on the whole test set (global methods)
+    @field_validator("clip_grad_norm")
+    @classmethod
+    def _positive(cls, v):  # a validator, not Field(gt=0): it holds where a method redefines the default
+        if v is not None and not v > 0:
+            raise ValueError("must be positive (or null: no clipping)")
+        return v
 
 
 class Strategy:
     Params: ClassVar[type[BaseModel]] = MethodParams
+    title: ClassVar[str] = ""  # the method's name in tables and figures ("HeteroFL"); default: the class name
+    client_columns: ClassVar[dict[str, pa.DataType]] = {}  # the keys of ClientResult.metrics
+    round_columns: ClassVar[dict[str, pa.DataType]] = {}  # the keys of what aggregate returns
+    # The new personal state of a client whose update was dropped (late, not kept) is stored too.
+    stores_state_of_dropped: ClassVar[bool] = False
 
-    def __init__(self, bench: Workbench, params: BaseModel):
+    def __init__(self, bench, params: BaseModel):
+        """`bench`: the harness.workbench.Workbench of the process (data, models, cost meter)."""
         self.bench = bench
         self.params = params
 
+    @classmethod
+    def check(cls, params: BaseModel, model: nn.Module, cfg) -> None:
+        """Checks of the parameters against the experiment (`cfg`) and its model (built on the meta
+        device); raise harness.errors.ConfigError. Runs before anything is written."""
+
+    @classmethod
+    def describe(cls, params: dict[str, Any]) -> str:
+        """The method as tables and figures name it, from its config entry without `name`:
+        'HeteroFL (reference)', 'PruneFL (interval 10)'."""
+        parts = [str(v) if k == "variant" else f"{k} {v}" for k, v in sorted(params.items())]
+        title = cls.title or cls.__name__
+        return f"{title} ({', '.join(parts)})" if parts else title
+
     # -- server side (driver) -----------------------------------------------------------------------
-    def setup(self, store: StateStore) -> None:
+    def setup(self, store) -> None:
         """Initialise the server state (the global model) before round 0. `store` holds personal
         per-client state: the "client" namespace travels with each task (ClientTask.state, and
         ClientResult.state back); other namespaces are the server's own per-client records."""
@@ -109,60 +78,25 @@ class Strategy:
         """(broadcast for the round, one instruction per client)."""
         raise NotImplementedError
 
-    def aggregate(self, rnd: int, results: list[ClientResult]) -> dict[str, float]:
-        """Combine the successful results; return round-level extras (e.g. {'density': ...})."""
+    def aggregate(self, rnd: int, kept: list[ClientResult], dropped: list[ClientResult]) -> dict[str, Any]:
+        """Combine the kept results (possibly none); `dropped` holds every other sampled client's result
+        with its reason in `status` (error, late, not_kept). Returns the round's values of
+        `round_columns`."""
         raise NotImplementedError
 
     def evaluate(self, rnd: int) -> Evaluation:
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
-        """All server state needed to resume (checkpoints)."""
+        """All server state needed to resume (checkpoints): tensors and plain data only."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
     # -- client side (wherever the engine runs it) -------------------------------------------------
-    def local_update(self, broadcast: Any, task: ClientTask) -> ClientResult:
+    def local_job(self, broadcast: Any, task: ClientTask) -> LocalJob:
         raise NotImplementedError
 
-    def local_update_batch(self, broadcast: Any, tasks: list[ClientTask]) -> list[ClientResult]:
-        """Several clients' local updates at once (when `engine.batch_clients` is on), with the same
-        results as `local_update` on each: in task order, a client that raises as a failed result.
-        This default runs them one by one; methods whose clients can train as one program opt in
-        through harness.batched.BatchedLocalSGD."""
-        from harness.engine import execute  # the engine imports this module
-
-        return [execute(self, broadcast, t) for t in tasks]
-
-
-@functools.cache
-def _methods() -> dict[str, Any]:
-    return {ep.name: ep for ep in entry_points(group="fedbench.methods")}
-
-
-def available_methods() -> list[str]:
-    return sorted(_methods())
-
-
-@functools.cache
-def method_class(name: str) -> type[Strategy]:
-    """A registered method by name, or any Strategy by import path `package.module:Class`."""
-    if ":" in name:
-        module, _, attr = name.partition(":")
-        try:
-            cls = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as e:
-            raise ConfigError("method.name", f"cannot import {name!r}: {e}") from None
-        if not (isinstance(cls, type) and issubclass(cls, Strategy)):
-            raise ConfigError("method.name", f"{name!r} is not a Strategy subclass")
-        return cls
-    ep = _methods().get(name)
-    if ep is None:
-        raise ConfigError("method.name", f"unknown method {name!r}; available: {', '.join(available_methods())}")
-    return ep.load()
-
-
-def method_params_model(name: str) -> type[BaseModel]:
-    return method_class(name).Params
+    def local_result(self, broadcast: Any, task: ClientTask, job: LocalJob) -> ClientResult:
+        raise NotImplementedError

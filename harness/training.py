@@ -1,19 +1,34 @@
-"""Local training and evaluation, shared by every method.
+"""Local training, written once: what a client trains (`LocalJob`), the rule it trains by, and the
+one-by-one trainer. harness/batched/ runs the same rule for many stacked clients at once.
 
-`local_sgd` is plain minibatch SGD (weight decay, optional momentum and gradient clipping) over a
-client's data in an order drawn from the task's generator; methods customise it through hooks
-instead of writing their own loops.
+The rule of local SGD, shared by both trainers:
+- data order: `minibatches` (a fresh permutation of the client's samples per epoch, from its own
+  generator);
+- clipping: `clip_coefficient` (as torch.nn.utils.clip_grad_norm_: the norm of the per-tensor norms);
+- the step: `sgd_directions` (gradient plus weight decay, through the momentum buffer, times the
+  update masks); the parameters then move by -lr times the direction.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from harness.config import TrainConfig
+from harness.models import ModelSpec
+
+
+class SGDSettings(Protocol):
+    """The parts of the training config local SGD reads (harness.config.TrainConfig)."""
+
+    epochs: int
+    batch_size: int
+    weight_decay: float
+    momentum: float
 
 
 @dataclass
@@ -24,87 +39,229 @@ class TrainStats:
     steps: int
 
 
-def local_sgd(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    train: TrainConfig,
-    lr: float,
-    generator: torch.Generator,
-    *,
-    extra_params: list[torch.Tensor] = (),
-    extra_lr: float | None = None,
-    clip_grad_norm: float | None = None,
-    class_mask: torch.Tensor | None = None,
-    before_batch: Callable[[], None] | None = None,
-    regularizer: Callable[[], torch.Tensor] | None = None,
-    after_backward: Callable[[int], None] | None = None,
-    update_masks: dict[str, torch.Tensor] | Callable[[], dict[str, torch.Tensor]] | None = None,
-) -> TrainStats:
-    """Train `model` in place for `train.epochs` epochs on (x, y).
+def torch_threads(cpus: float) -> int:
+    """Threads for a quota of `cpus`: as many as it allows, at least one. Results depend on the thread
+    count, so equal quotas give equal numbers on every engine."""
+    return max(1, math.floor(cpus + 1e-9))
 
-    clip_grad_norm: clip the model's gradient norm before each update (a method parameter).
-    class_mask: bool per class; logits of the other classes are set to 0 before the loss
-      (HeteroFL's masked cross-entropy).
-    before_batch(): called before each forward pass (recompute masks, apply weight masks).
-    regularizer(): an extra loss term added to the cross-entropy.
-    after_backward(batch_size): called with gradients in place, before the update.
-    update_masks: per parameter name, 0/1 tensors multiplied onto the update (gradient plus weight
-      decay) so that masked coordinates keep their values exactly.
-    extra_params: further tensors trained by the same optimizer (e.g. importance scores), at
-      extra_lr (default lr), without weight decay.
-    """
+
+@contextmanager
+def threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# -- the rule -----------------------------------------------------------------------------------------
+def minibatches(n: int, batch_size: int, epochs: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """A client's minibatches: per epoch one permutation of its n samples, cut into batches."""
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, batch_size):
+            yield order[start:start + batch_size]
+
+
+def clip_coefficient(norms: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """The factor on the gradients for clipping at `max_norm`; `norms` holds the norm of each tensor
+    along dim 0 (further dims: one per stacked client)."""
+    return (max_norm / (torch.linalg.vector_norm(norms, dim=0) + 1e-6)).clamp(max=1.0)
+
+
+def sgd_directions(params: list[torch.Tensor], grads: list[torch.Tensor], *, weight_decay: float,
+                   momentum: float, buffers: list[torch.Tensor] | None = None,
+                   masks: list[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
+    """d = grad + weight_decay x param; with momentum the buffer becomes momentum x buffer + d (in
+    place; it starts at zero) and d the buffer; then d x mask where a mask is given, so that masked
+    coordinates keep their values. The step is param - lr x d."""
+    d = torch._foreach_add(grads, params, alpha=weight_decay) if weight_decay else list(grads)
+    if momentum:
+        torch._foreach_mul_(buffers, momentum)
+        torch._foreach_add_(buffers, d)
+        d = list(buffers)
+    if masks:
+        d = [t if m is None else t * m for t, m in zip(d, masks)]
+    return d
+
+
+# -- what a client trains -----------------------------------------------------------------------------
+@dataclass
+class Hooks:
+    """Per-minibatch callbacks for training that is not a fixed program (FedLPS's learnable masks);
+    a job with hooks trains one by one.
+
+    before_batch(): before each forward pass. regularizer(): a term added to the loss.
+    after_backward(batch_size): with the gradients in place, before the update.
+    update_masks(): per parameter name, the 0/1 update masks of this step.
+    extra_params: further tensors trained by plain SGD at extra_lr (default: the job's lr)."""
+
+    before_batch: Callable[[], None] | None = None
+    regularizer: Callable[[], torch.Tensor] | None = None
+    after_backward: Callable[[int], None] | None = None
+    update_masks: Callable[[], dict[str, torch.Tensor]] | None = None
+    extra_params: list[torch.Tensor] = field(default_factory=list)
+    extra_lr: float | None = None
+
+
+@dataclass(eq=False)
+class LocalJob:
+    """One client's local training, as data. A method describes it; the engine decides how to run it
+    (one by one, or with the other clients of its shape as one batched program) and writes the
+    outputs into it.
+
+    spec: which model (widths, norm, scaler); start: its starting tensors (every parameter; buffers
+      not given start as in a new model).
+    x, y: the client's training data; lr; generator: the client's random stream (its data order).
+    class_mask: bool per class; other logits are set to 0 before the loss (HeteroFL's masked CE).
+    unit_masks: per unit group, fixed 0/1 multipliers of the units' outputs.
+    update_masks: per parameter, fixed 0/1 tensors on the update (masked coordinates keep their values).
+    weight_masks: per parameter, 0/1 tensors multiplied onto the weights before every step and after
+      training; gradients stay dense.
+    importance: accumulate sum over steps of grad^2 x batch size (before clipping): per coordinate of
+      the weight-masked tensors (`grad_importance`), one total over the others (`dense_importance`).
+    hooks: a function of the model being trained that returns its `Hooks` (trains one by one).
+    context: the method's own data, for building its result.
+
+    Outputs: `trained` (the model's tensors after training, detached copies), `stats`, and the
+    importance sums."""
+
+    spec: ModelSpec
+    start: dict[str, torch.Tensor]
+    x: torch.Tensor
+    y: torch.Tensor
+    train: SGDSettings
+    lr: float
+    generator: torch.Generator
+    clip_grad_norm: float | None = None
+    class_mask: torch.Tensor | None = None
+    unit_masks: dict[str, torch.Tensor] | None = None
+    update_masks: dict[str, torch.Tensor] | None = None
+    weight_masks: dict[str, torch.Tensor] | None = None
+    importance: bool = False
+    hooks: Callable[[nn.Module], Hooks] | None = None
+    context: Any = None
+    trained: dict[str, torch.Tensor] | None = None
+    stats: TrainStats | None = None
+    grad_importance: dict[str, torch.Tensor] | None = None
+    dense_importance: float = 0.0
+
+    @property
+    def batchable(self) -> bool:
+        return self.hooks is None and len(self.y) > 0
+
+
+def load_start(model: nn.Module, job: LocalJob, fresh_buffers: dict[str, torch.Tensor]) -> None:
+    """Put the job's starting tensors into `model` (a model of the job's spec, reused across jobs);
+    buffers that the job does not give get their values of a new model."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(job.start[name])
+            p.grad = None
+        for name, b in model.named_buffers():
+            b.copy_(job.start[name] if name in job.start else fresh_buffers[name])
+    model.unit_masks = dict(job.unit_masks or {})
+
+
+# -- one by one ---------------------------------------------------------------------------------------
+class _WeightMasks:
+    """Zero the masked weights before every step (gradients stay dense) and accumulate importance."""
+
+    def __init__(self, model: nn.Module, job: LocalJob):
+        params = dict(model.named_parameters())
+        device = next(model.parameters()).device
+        self.masked = [(params[n], m.to(device)) for n, m in (job.weight_masks or {}).items()]
+        self.params = [(n, p) for n, p in params.items() if p.requires_grad]
+        self.importance = {n: torch.zeros_like(params[n]) for n in (job.weight_masks or {})}
+        self.dense = torch.zeros((), dtype=torch.float64, device=device)
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        for p, m in self.masked:
+            p.mul_(m)
+
+    @torch.no_grad()
+    def accumulate(self, batch_size: int) -> None:
+        for name, p in self.params:
+            if p.grad is None:
+                continue
+            sq = p.grad.pow(2).mul_(batch_size)
+            if name in self.importance:
+                self.importance[name] += sq
+            else:
+                self.dense += sq.sum()
+
+
+def train_alone(job: LocalJob, model: nn.Module) -> None:
+    """Train `model` (already holding the job's starting tensors) by local SGD, one minibatch at a
+    time, and write the job's outputs."""
+    hooks = job.hooks(model) if job.hooks is not None else Hooks()
+    masked = _WeightMasks(model, job) if (job.weight_masks or job.importance) else None
     model.train()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    momentum = {}
-    n = len(y)
-    total_loss, correct, samples, steps = 0.0, 0, 0, 0
-    for _ in range(train.epochs):
-        order = torch.randperm(n, generator=generator)
-        for start in range(0, n, train.batch_size):
-            batch = order[start:start + train.batch_size].to(x.device)
-            xb, yb = x[batch], y[batch]
-            if before_batch is not None:
-                before_batch()
-            logits = model(xb)
-            if class_mask is not None:
-                logits = logits.masked_fill(~class_mask.to(logits.device), 0.0)
-            loss = F.cross_entropy(logits, yb)
-            objective = loss if regularizer is None else loss + regularizer()
-            for _, p in named:
-                p.grad = None
-            for p in extra_params:
-                p.grad = None
-            objective.backward()
-            if after_backward is not None:
-                after_backward(len(yb))
-            if clip_grad_norm is not None:
-                nn.utils.clip_grad_norm_([p for _, p in named], clip_grad_norm)
-            masks = update_masks() if callable(update_masks) else (update_masks or {})
-            with torch.no_grad():
-                for name, p in named:
-                    if p.grad is None:
-                        continue
-                    d = p.grad.add(p, alpha=train.weight_decay) if train.weight_decay else p.grad
-                    if train.momentum:
-                        buf = momentum.get(name)
-                        buf = d.clone() if buf is None else buf.mul_(train.momentum).add_(d)
-                        momentum[name] = buf
-                        d = buf
-                    if name in masks:
-                        d = d * masks[name]
-                    p.sub_(d, alpha=lr)
-                for p in extra_params:
-                    if p.grad is not None:
-                        p.sub_(p.grad, alpha=extra_lr if extra_lr is not None else lr)
-            batch_n = len(yb)
-            total_loss += float(loss.detach()) * batch_n
-            correct += int((logits.argmax(1) == yb).sum())
-            samples += batch_n
-            steps += 1
-    return TrainStats(total_loss / max(samples, 1), correct / max(samples, 1), samples, steps)
+    params = [p for _, p in named]
+    train, lr = job.train, job.lr
+    buffers = [torch.zeros_like(p) for p in params] if train.momentum else None
+    fixed_masks = [(job.update_masks or {}).get(n) for n, _ in named] if job.update_masks else None
+    extra_lr = hooks.extra_lr if hooks.extra_lr is not None else lr
+    absent = ~job.class_mask.to(job.x.device) if job.class_mask is not None else None
+    device = job.x.device
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    samples = steps = 0
+    for batch in minibatches(len(job.y), train.batch_size, train.epochs, job.generator):
+        batch = batch.to(device)
+        xb, yb = job.x[batch], job.y[batch]
+        if hooks.before_batch is not None:
+            hooks.before_batch()
+        if masked is not None:
+            masked.apply()
+        logits = model(xb)
+        if absent is not None:
+            logits = logits.masked_fill(absent, 0.0)
+        loss = F.cross_entropy(logits, yb)
+        objective = loss if hooks.regularizer is None else loss + hooks.regularizer()
+        for p in params:
+            p.grad = None
+        for p in hooks.extra_params:
+            p.grad = None
+        objective.backward()
+        if hooks.after_backward is not None:
+            hooks.after_backward(len(yb))
+        if masked is not None and job.importance:
+            masked.accumulate(len(yb))
+        with torch.no_grad():
+            # a parameter outside the loss gets a zero gradient (and weight decay), as in the batched path
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            if job.clip_grad_norm is not None:
+                torch._foreach_mul_(grads, clip_coefficient(torch.stack(torch._foreach_norm(grads)), job.clip_grad_norm))
+            masks = fixed_masks
+            if hooks.update_masks is not None:
+                step_masks = hooks.update_masks()
+                masks = [step_masks.get(n) for n, _ in named]
+            torch._foreach_add_(params, sgd_directions(params, grads, weight_decay=train.weight_decay,
+                                                       momentum=train.momentum, buffers=buffers, masks=masks),
+                                alpha=-lr)
+            for p in hooks.extra_params:
+                if p.grad is not None:
+                    p.sub_(p.grad, alpha=extra_lr)
+            loss_sum += loss.detach().double() * len(yb)
+            correct += (logits.argmax(1) == yb).sum()
+        samples += len(yb)
+        steps += 1
+    for p in params:
+        p.grad = None
+    if masked is not None:
+        masked.apply()
+        if job.importance:
+            job.grad_importance = masked.importance
+            job.dense_importance = float(masked.dense)
+    job.trained = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    job.stats = TrainStats(float(loss_sum) / max(samples, 1), int(correct) / max(samples, 1), samples, steps)
 
 
+# -- evaluation -----------------------------------------------------------------------------------------
 @torch.no_grad()
 def correct_per_sample(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                        normalize: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 1000) -> torch.Tensor:

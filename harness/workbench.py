@@ -1,7 +1,7 @@
-"""The Workbench: everything a process needs to run an experiment's client tasks and evaluations.
+"""The Workbench: everything a process needs to run an experiment's client jobs and evaluations.
 
-Built from the config alone (data, partition, model layout, FLOP meter, device tiers, strategy), so
-the driver and every executor build the same one and only small task records travel between them.
+Built from the config alone (data, partition, model layout, FLOP meter, device tiers), so the driver
+and every executor build the same one and only small task records travel between them.
 """
 from __future__ import annotations
 
@@ -10,13 +10,14 @@ import functools
 import numpy as np
 import torch
 
-from harness.config import ExperimentConfig, method_params
+from harness.config import ExperimentConfig
 from harness.cost import DeviceAssigner, FlopMeter
-from harness.data import ClientData, Dataset, load_dataset, partition
-from harness.models import UnitModel, build_model, resolve_model_name
+from harness.data import TEST_SETS, ClientData, Dataset, load_dataset, partition
+from harness.models import ModelSpec, UnitModel, build_model, resolve_model_name
+from harness.records import ClientTask, Evaluation
 from harness.seeding import seed_of, torch_generator
-from harness.strategy import Evaluation, Strategy, method_class
-from harness.training import calibrate_batchnorm, correct_per_sample
+from harness.training import (LocalJob, calibrate_batchnorm, correct_per_sample, load_start, threads, torch_threads,
+                              train_alone)
 
 
 class Workbench:
@@ -29,19 +30,55 @@ class Workbench:
         self.num_classes = self.dataset.num_classes
         self.image_shape = self.dataset.image_shape
         self.model_name = resolve_model_name(cfg.model.name, cfg.data.dataset, self.image_shape)
-        template = self.build(device="meta")
+        template = self.build(ModelSpec((), cfg.model.norm), device="meta")
         self.layout = template.layout
         self.full_widths = template.full_widths
+        self.param_shapes = {n: p.shape for n, p in template.named_parameters()}
         self.flops = FlopMeter(self.model_name, self.num_classes, self.image_shape)
         self.devices = DeviceAssigner(cfg.devices, cfg.clients.total, cfg.seed)
-        self.strategy: Strategy = method_class(cfg.method.name)(self, method_params(cfg))
+        self._models: dict[ModelSpec, tuple[UnitModel, dict[str, torch.Tensor]]] = {}
 
     # -- models ------------------------------------------------------------------------------------
-    def build(self, widths: dict[str, int] | None = None, norm: str | None = None, rate: float = 1.0,
-              device: str | torch.device | None = None) -> UnitModel:
+    def spec(self, widths: dict[str, int] | None = None, norm: str | None = None, rate: float = 1.0) -> ModelSpec:
+        """The spec of the model at `widths` (absent groups: all units), `norm` (default: the
+        experiment's model.norm) and scaler `rate`."""
+        return ModelSpec(tuple(sorted({**self.full_widths, **(widths or {})}.items())), norm or self.cfg.model.norm,
+                         rate)
+
+    def build(self, spec: ModelSpec | None = None, device: str | torch.device | None = None) -> UnitModel:
+        """A new model of `spec` (default: the dense model), freshly initialised."""
+        spec = spec or self.spec()
         with torch.device(device or self.device):
-            return build_model(self.model_name, self.num_classes, self.image_shape, widths,
-                               norm or self.cfg.model.norm, rate)
+            return build_model(self.model_name, self.num_classes, self.image_shape, dict(spec.widths), spec.norm,
+                               spec.rate)
+
+    def model(self, spec: ModelSpec) -> tuple[UnitModel, dict[str, torch.Tensor]]:
+        """This process's model of `spec`, reused across clients (building one costs more than a few
+        local steps of a small client), and the buffers of a new one."""
+        if spec not in self._models:
+            model = self.build(spec)
+            self._models[spec] = model, {k: v.clone() for k, v in model.named_buffers()}
+        return self._models[spec]
+
+    def loaded(self, job: LocalJob) -> UnitModel:
+        """This process's model of the job's spec, holding the job's starting tensors."""
+        model, fresh = self.model(job.spec)
+        load_start(model, job, fresh)
+        return model
+
+    def trained_model(self, job: LocalJob) -> UnitModel:
+        """This process's model of the job's spec, holding the job's trained tensors."""
+        model, _ = self.model(job.spec)
+        with torch.no_grad():
+            for name, t in model.state_dict(keep_vars=True).items():
+                t.copy_(job.trained[name])
+        return model
+
+    def train_here(self, job: LocalJob) -> None:
+        """Train a job in this process as an executor would (its thread count): for training on the
+        server, such as PruneFL's initial pruning."""
+        with threads(torch_threads(self.cfg.engine.cpus_per_executor)):
+            train_alone(job, self.loaded(job))
 
     def init_global_state(self) -> dict[str, torch.Tensor]:
         with torch.random.fork_rng(devices=[]):
@@ -60,6 +97,17 @@ class Workbench:
         """The client task's own random stream: a function of (seed, round, client) only."""
         return torch_generator(self.cfg.seed, "client", rnd, client_id)
 
+    def job(self, task: ClientTask, start: dict[str, torch.Tensor], spec: ModelSpec | None = None,
+            generator: torch.Generator | None = None, **options) -> LocalJob:
+        """The client's local SGD on its training data with the experiment's settings, from `start`
+        (on this process's device), at the task's round's learning rate, drawing its data order from
+        `generator` (default: the task's own stream); `options`: further LocalJob fields
+        (clip_grad_norm, masks, hooks, context, ...)."""
+        x, y = self.train_data(task.client_id)
+        start = {k: v.to(self.device) for k, v in start.items()}
+        return LocalJob(spec or self.spec(), start, x, y, self.cfg.train, self.lr(task.round),
+                        generator or self.generator(task.round, task.client_id), **options)
+
     # -- data --------------------------------------------------------------------------------------
     def train_data(self, client_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.from_numpy(self.clients[client_id].train)
@@ -72,34 +120,33 @@ class Workbench:
         return mask
 
     @functools.cached_property
-    def test_index(self) -> list[torch.Tensor]:
-        return [torch.from_numpy(c.test) for c in self.clients]
+    def test_index(self) -> dict[str, list[torch.Tensor]]:
+        """Per test-set construction, each client's test images (indices into the test set)."""
+        return {kind: [torch.from_numpy(c.tests[kind]) for c in self.clients] for kind in TEST_SETS}
 
     # -- evaluation --------------------------------------------------------------------------------
-    def test_correct(self, model: torch.nn.Module) -> torch.Tensor:
-        """Per test sample: does `model` classify it right? Clients' test sets are subsets of the
-        test set, so one pass serves the global accuracy and every client's accuracy."""
-        return correct_per_sample(model, self.dataset.x_test, self.dataset.y_test, self.dataset.normalize)
-
-    def client_accuracy(self, correct: torch.Tensor, client_id: int) -> float:
-        idx = self.test_index[client_id]
-        return float(correct[idx].float().mean()) if len(idx) else float("nan")
-
-    def accuracy_on_client(self, model: torch.nn.Module, client_id: int) -> float:
-        """`model` on one client's own test set (for personalised models)."""
-        idx = self.test_index[client_id]
-        correct = correct_per_sample(model, self.dataset.x_test[idx], self.dataset.y_test[idx], self.dataset.normalize)
-        return float(correct.float().mean()) if len(idx) else float("nan")
+    def _per_client(self, correct: torch.Tensor, kind: str) -> np.ndarray:
+        return np.array([float(correct[idx].float().mean()) if len(idx) else np.nan for idx in self.test_index[kind]])
 
     def evaluate_global(self, state: dict[str, torch.Tensor], static_bn: bool = False) -> Evaluation:
-        """The global model on the whole test set and on every client's test set. With static BN
-        the normalisation statistics are first computed over the clients' training data."""
-        model = self.load(self.build(norm="bn" if static_bn else None), state)
+        """The global model on the whole test set and on every client's test sets (clients' test sets
+        are subsets of the test set, so one pass serves all). With static BN the normalisation
+        statistics are first computed over the clients' training data."""
+        model = self.load(self.build(self.spec(norm="bn") if static_bn else None), state)
         if static_bn:
             calibrate_batchnorm(model, self._training_batches())
-        correct = self.test_correct(model)
-        per_client = np.array([self.client_accuracy(correct, c) for c in range(len(self.clients))])
-        return Evaluation(client_acc=per_client, acc_global=float(correct.float().mean()))
+        correct = correct_per_sample(model, self.dataset.x_test, self.dataset.y_test, self.dataset.normalize)
+        return Evaluation(clients={kind: self._per_client(correct, kind) for kind in TEST_SETS},
+                          acc_global=float(correct.float().mean()))
+
+    def accuracy_on_client(self, model: torch.nn.Module, client_id: int) -> dict[str, float]:
+        """`model` on one client's own test sets (for personalised models), per construction."""
+        accuracy = {}
+        for kind in TEST_SETS:
+            idx = self.test_index[kind][client_id]
+            correct = correct_per_sample(model, self.dataset.x_test[idx], self.dataset.y_test[idx], self.dataset.normalize)
+            accuracy[kind] = float(correct.float().mean()) if len(idx) else float("nan")
+        return accuracy
 
     def _training_batches(self, batch_size: int = 500):
         idx = torch.from_numpy(np.concatenate([c.train for c in self.clients]))

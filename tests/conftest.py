@@ -69,3 +69,72 @@ def ray_session():
              logging_level="ERROR")
     yield ray
     ray.shutdown()
+
+
+# -- helpers shared by the test modules -------------------------------------------------------------
+def tier(cap: float, compute_mflops: float = 744448):
+    from harness.records import Tier
+
+    return Tier(name=f"cap{cap:g}", cap=cap, compute_mflops=compute_mflops)
+
+
+def started(cfg, device: str = "cpu"):
+    """(Workbench, strategy) of `cfg`, the strategy set up as the round loop sets it up."""
+    from harness.config import method_params
+    from harness.registry import method_class
+    from harness.state import MemoryStore
+    from harness.workbench import Workbench
+
+    bench = Workbench(cfg, device=device)
+    strategy = method_class(cfg.method.name)(bench, method_params(cfg))
+    strategy.setup(MemoryStore())
+    return bench, strategy
+
+
+def local_update(strategy, broadcast, task):
+    """One client's work in this process, one by one; exceptions propagate."""
+    from harness.training import train_alone
+
+    job = strategy.local_job(broadcast, task)
+    train_alone(job, strategy.bench.loaded(job))
+    return strategy.local_result(broadcast, task, job)
+
+
+def local_update_batch(strategy, broadcast, tasks, **engine):
+    """The tasks as an executor with `engine.batch_clients` on runs them (engine: EngineConfig fields)."""
+    from harness.config import EngineConfig
+    from harness.engine import ClientRunner
+
+    return ClientRunner(strategy.bench, strategy, EngineConfig(batch_clients=True, **engine)).run(broadcast, tasks)
+
+
+def round_tasks(bench, strategy, rnd, clients, caps=None):
+    """configure() for `clients` (with tier caps `caps`, default the first tier) and the round's tasks."""
+    from harness.records import ClientSlot, ClientTask
+
+    tiers = [bench.cfg.devices.tiers[0]] * len(clients) if caps is None else [tier(c, 1e5) for c in caps]
+    slots = [ClientSlot(c, t, bench.clients[c].num_samples) for c, t in zip(clients, tiers)]
+    broadcast, instructions = strategy.configure(rnd, slots)
+    return broadcast, [ClientTask(s.client_id, rnd, s.tier, i) for s, i in zip(slots, instructions)]
+
+
+def run_serial(cfg):
+    """Run `cfg` in process; its rounds and clients tables."""
+    import pandas as pd
+
+    from harness.experiment import Experiment
+
+    assert cfg.engine.backend == "serial"  # in process: no Ray start-up in these small runs
+    Experiment(cfg).run()
+    out = f"{cfg.out}/{cfg.name}"
+    return pd.read_parquet(f"{out}/rounds.parquet"), pd.read_parquet(f"{out}/clients.parquet")
+
+
+@pytest.fixture
+def one_thread():
+    """Direct strategy calls train with one thread, as a serial engine's executor does (faster on a
+    busy machine, and the numbers depend on the thread count)."""
+    from harness.training import threads
+
+    with threads(1):
+        yield

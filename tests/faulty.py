@@ -13,10 +13,10 @@ class FailingFedAvg(FedAvg):
 
     Params = FailingParams
 
-    def local_update(self, global_state, task):
+    def local_job(self, global_state, task):
         if task.client_id in self.params.fail_clients:
             raise RuntimeError(f"client {task.client_id} broke on purpose")
-        return super().local_update(global_state, task)
+        return super().local_job(global_state, task)
 
 
 class CrashOnceParams(MethodParams):
@@ -29,11 +29,11 @@ class CrashOnceFedAvg(FedAvg):
 
     Params = CrashOnceParams
 
-    def aggregate(self, rnd, results):
+    def aggregate(self, rnd, kept, dropped):
         from pathlib import Path
 
         marker = Path(self.params.marker)
         if rnd == self.params.crash_at_round and not marker.exists():
             marker.write_text("crashed")
             raise RuntimeError("the trial's driver dies here, once")
-        return super().aggregate(rnd, results)
+        return super().aggregate(rnd, kept, dropped)

@@ -1,4 +1,4 @@
-"""Batched client execution (harness/batched.py): the same updates as training the clients one by
+"""Batched client execution (harness/batched/): the same updates as training the clients one by
 one, per method and option; results in task order; faults isolated; the engine switch; CUDA only
 where there is CUDA."""
 from dataclasses import dataclass
@@ -8,26 +8,24 @@ import pandas as pd
 import pytest
 import torch
 
-import harness.batched as batched
+import harness.batched.groups as groups_module
+import harness.batched.program as program_module
 from baselines.fedavg import FedAvg
-from harness.config import Tier
-from harness.engine import batching_enabled, execute_tasks, threads
+from harness.batched import GraphCache
+from harness.batched.schedule import schedule
+from harness.engine import batching_enabled, cuda_graphs_enabled
 from harness.errors import ConfigError
 from harness.experiment import Experiment
 from harness.state import MemoryStore
-from harness.strategy import ClientSlot, ClientTask, MethodParams
-from harness.workbench import Workbench
-from conftest import write_tiny_rgb
+from harness.strategy import MethodParams
+from conftest import local_update, local_update_batch, round_tasks, started, write_tiny_rgb
 
 SERIAL = {"engine.backend": "serial"}
 UNEVEN = {"data.split.kind": "dirichlet", "data.split.alpha": 1.0}  # different sizes: steps and last batches differ
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    with threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @dataclass
@@ -61,33 +59,19 @@ def precision(request, monkeypatch):
 def groups(monkeypatch):
     """Records the size of every group that train_group trains."""
     sizes = []
-    real = batched.train_group
+    real = groups_module.train_group
 
-    def spy(jobs, **kw):
+    def spy(jobs, *args, **kw):
         sizes.append(len(jobs))
-        return real(jobs, **kw)
+        return real(jobs, *args, **kw)
 
-    monkeypatch.setattr(batched, "train_group", spy)
+    monkeypatch.setattr(groups_module, "train_group", spy)
     return sizes
 
 
 @pytest.fixture
 def tiny_rgb(tmp_path):
     return write_tiny_rgb(tmp_path / "tiny.npz", 80)
-
-
-def started(cfg):
-    bench = Workbench(cfg)
-    bench.strategy.setup(MemoryStore())
-    return bench, bench.strategy
-
-
-def round_tasks(bench, strategy, rnd, clients, caps=None):
-    tiers = bench.cfg.devices.tiers
-    slots = [ClientSlot(c, tiers[0] if caps is None else Tier(name=f"t{cap:g}", cap=cap, compute_mflops=1e5),
-                        bench.clients[c].num_samples) for c, cap in zip(clients, caps or [None] * len(clients))]
-    broadcast, instructions = strategy.configure(rnd, slots)
-    return broadcast, [ClientTask(s.client_id, rnd, s.tier, i) for s, i in zip(slots, instructions)]
 
 
 def tensors(payload):
@@ -122,8 +106,8 @@ def assert_same(alone, together, atol=1e-5, rtol=None):
 
 
 def alone_and_batched(strategy, broadcast, tasks):
-    alone = [strategy.local_update(broadcast, t) for t in tasks]
-    return alone, strategy.local_update_batch(broadcast, tasks)
+    alone = [local_update(strategy, broadcast, t) for t in tasks]
+    return alone, local_update_batch(strategy, broadcast, tasks)
 
 
 # -- the same updates ---------------------------------------------------------------------------------
@@ -203,7 +187,7 @@ def test_fedlps_fixed_masks_batch_and_learnable_masks_train_alone(config, groups
     bench, strategy = started(config(**UNEVEN, **{"method.name": "fedlps"}, **precision.settings))
     broadcast, tasks = round_tasks(bench, strategy, 0, [0, 1, 2])
     alone, together = alone_and_batched(strategy, broadcast, tasks)
-    assert groups == []  # scores move the mask every minibatch: the unbatched path, bit for bit
+    assert groups == []  # scores move the mask every minibatch: the one-by-one path, bit for bit
     assert_same(alone, together, atol=0, rtol=0)
     assert all(torch.equal(a.state[g], b.state[g]) for a, b in zip(alone, together) for g in a.state)
 
@@ -225,55 +209,31 @@ class BrokenFedAvg(FedAvg):
 
 
 def test_results_in_task_order_and_a_raising_client_is_isolated(config):
-    bench = Workbench(config(**UNEVEN))
+    cfg = config(**UNEVEN)
+    bench, _ = started(cfg)
     strategy = BrokenFedAvg(bench, BrokenParams(broken=[4]))
     strategy.setup(MemoryStore())
     broadcast, tasks = round_tasks(bench, strategy, 0, [0, 1, 2, 3, 4])
     tasks = [tasks[i] for i in (3, 0, 4, 2, 1)]  # not sorted by client id
-    together = strategy.local_update_batch(broadcast, tasks)
+    together = local_update_batch(strategy, broadcast, tasks)
     assert [r.client_id for r in together] == [3, 0, 4, 2, 1]
     failed = together[2]
     assert not failed.ok and "broke on purpose" in failed.error
     ok = [t for t in tasks if t.client_id != 4]
-    assert_same([strategy.local_update(broadcast, t) for t in ok], [r for r in together if r.ok])
+    assert_same([local_update(strategy, broadcast, t) for t in ok], [r for r in together if r.ok])
 
 
 def test_a_failing_batched_program_falls_back_to_clients_one_by_one(config, monkeypatch):
     bench, strategy = started(config(**UNEVEN))
     broadcast, tasks = round_tasks(bench, strategy, 0, [0, 1, 2, 3])
-    alone = [strategy.local_update(broadcast, t) for t in tasks]
+    alone = [local_update(strategy, broadcast, t) for t in tasks]
 
-    def boom(jobs, **kw):
-        batched._schedule(jobs, torch.float32)  # draws the data orders, then fails
+    def boom(jobs, *args, **kw):
+        schedule(jobs, torch.float32)  # draws the data orders, then fails
         raise RuntimeError("device trouble")
 
-    monkeypatch.setattr(batched, "train_group", boom)
-    assert_same(alone, strategy.local_update_batch(broadcast, tasks), atol=0, rtol=0)  # same draws, same numbers
-
-
-class RaisingBatch(FedAvg):
-    def local_update_batch(self, broadcast, tasks):
-        raise RuntimeError("the whole call broke")
-
-
-def test_the_engine_runs_tasks_one_by_one_when_the_whole_call_raises(config):
-    bench = Workbench(config())
-    strategy = RaisingBatch(bench, MethodParams())
-    strategy.setup(MemoryStore())
-    broadcast, tasks = round_tasks(bench, strategy, 0, [0, 1, 2])
-    results = execute_tasks(strategy, broadcast, tasks, batch=True)
-    assert_same([strategy.local_update(broadcast, t) for t in tasks], results, atol=0, rtol=0)
-
-
-def test_an_overridden_local_update_is_never_bypassed(config):
-    from tests.faulty import FailingFedAvg
-
-    bench = Workbench(config())
-    strategy = FailingFedAvg(bench, FailingFedAvg.Params(fail_clients=[1]))
-    strategy.setup(MemoryStore())
-    broadcast, tasks = round_tasks(bench, strategy, 0, [0, 1, 2])
-    results = execute_tasks(strategy, broadcast, tasks, batch=True)
-    assert [r.ok for r in results] == [True, False, True]
+    monkeypatch.setattr(groups_module, "train_group", boom)
+    assert_same(alone, local_update_batch(strategy, broadcast, tasks), atol=0, rtol=0)  # same draws, same numbers
 
 
 # -- the switch -----------------------------------------------------------------------------------------
@@ -287,7 +247,7 @@ def test_engine_settings(config):
     assert not batching_enabled(engine, "cpu") and batching_enabled(engine, "cuda")
     assert batching_enabled(config(**{"engine.batch_clients": True}).engine, "cpu")
     assert not batching_enabled(config(**{"engine.batch_clients": False}).engine, "cuda")
-    assert not batched.cuda_graphs_enabled(config(**{"engine.cuda_graphs": True}).engine, "cpu")
+    assert not cuda_graphs_enabled(config(**{"engine.cuda_graphs": True}).engine, "cpu")
 
 
 def test_experiment_with_batched_clients_records_the_same_rounds(config):
@@ -312,7 +272,7 @@ def test_the_ray_executor_dispatches_to_the_batched_path(config, groups):
 
     cfg = config(**{"engine.batch_clients": True})
     executor = Executor(cfg.model_dump_json(), None, 1.0, use_cuda=False)  # in process, no Ray
-    strategy = executor.bench.strategy
+    strategy = executor.strategy
     strategy.setup(MemoryStore())
     broadcast, tasks = round_tasks(executor.bench, strategy, 0, [0, 1, 2])
     results = executor.run(broadcast, tasks)
@@ -350,9 +310,12 @@ def exact_cuda(monkeypatch):
 
 
 def on_cuda(cfg, broadcast, tasks, calls=1):
-    gpu = Workbench(cfg, device="cuda")
-    gpu.strategy.setup(MemoryStore())
-    return [gpu.strategy.local_update_batch(broadcast, tasks) for _ in range(calls)]
+    """`calls` batched calls of one CUDA executor (one ClientRunner: one graph cache); the runner too."""
+    from harness.engine import ClientRunner
+
+    bench, strategy = started(cfg, device="cuda")
+    runner = ClientRunner(bench, strategy, cfg.engine.model_copy(update={"batch_clients": True}))
+    return [runner.run(broadcast, tasks) for _ in range(calls)], runner
 
 
 def test_the_graph_path_on_a_stand_in_for_cuda(config, monkeypatch):
@@ -379,20 +342,19 @@ def test_the_graph_path_on_a_stand_in_for_cuda(config, monkeypatch):
         yield
         capturing.pop()
 
-    real_step = batched._GroupState.step
+    real_step = program_module.StackedClients.step
 
     def step(self):
         if capturing:
             capturing[-1].state = self
         real_step(self)
 
-    monkeypatch.setattr(batched._GroupState, "step", step)
+    monkeypatch.setattr(program_module.StackedClients, "step", step)
     stream = SimpleNamespace(wait_stream=lambda other: None)
     for name, stand_in in dict(is_available=lambda: True, Stream=lambda: stream, stream=lambda s: nullcontext(),
                                current_stream=lambda: stream, CUDAGraph=Graph, graph=graph).items():
         monkeypatch.setattr(torch.cuda, name, stand_in)
-    monkeypatch.setattr(batched, "_GRAPH_CACHE", batched.OrderedDict())
-    monkeypatch.setattr(batched, "_graphs_broken", False)
+    graphs = GraphCache()
     bench, strategy = started(config(**UNEVEN, **{"method.name": "prunefl", "method.initial_pruning": False,
                                                   "train.momentum": 0.9, "clients.total": 100}))
     strategy.masks = {n: torch.rand(m.shape, generator=torch.Generator().manual_seed(1)) < 0.5
@@ -400,11 +362,11 @@ def test_the_graph_path_on_a_stand_in_for_cuda(config, monkeypatch):
     sizes = []
     for rnd, clients in enumerate(([0, 1, 2], [3, 4, 5])):
         broadcast, tasks = round_tasks(bench, strategy, rnd, clients)
-        alone = [strategy.local_update(broadcast, t) for t in tasks]
+        alone = [local_update(strategy, broadcast, t) for t in tasks]
         jobs = [strategy.local_job(broadcast, t) for t in tasks]
         sizes.append(sum(len(j.y) for j in jobs))
-        batched.train_group(jobs, cuda_graphs=True)
-        assert len(batched._GRAPH_CACHE) == 1 and not batched._graphs_broken
+        groups_module.train_group(jobs, bench, graphs)
+        assert len(graphs.programs) == 1 and not graphs.broken
         assert Graph.made == 1  # round 1 replays round 0's program, on other data
         assert_same(alone, [strategy.local_result(broadcast, t, j) for t, j in zip(tasks, jobs)])
     assert sizes[0] != sizes[1]
@@ -422,12 +384,12 @@ def test_cuda_batched_eager_and_graphed_match_the_cpu(config, exact_cuda, tiny_r
     cfg = config(**UNEVEN, **settings)
     bench, strategy = started(cfg)
     broadcast, tasks = round_tasks(bench, strategy, 0, [0, 1, 2, 3], caps=[0.5, 0.5, 0.25, 0.25])
-    alone = [strategy.local_update(broadcast, t) for t in tasks]
+    alone = [local_update(strategy, broadcast, t) for t in tasks]
 
-    [eager] = on_cuda(config(**UNEVEN, **settings, **{"engine.cuda_graphs": False}), broadcast, tasks)
+    [eager], _ = on_cuda(config(**UNEVEN, **settings, **{"engine.cuda_graphs": False}), broadcast, tasks)
     assert_same(alone, eager, atol=1e-4)
-    batched._GRAPH_CACHE.clear()
-    captured, replayed = on_cuda(config(**UNEVEN, **settings, **{"engine.cuda_graphs": True}), broadcast, tasks, 2)
-    assert not batched._graphs_broken and len(batched._GRAPH_CACHE) == 2  # one program per width, reused
+    (captured, replayed), runner = on_cuda(config(**UNEVEN, **settings, **{"engine.cuda_graphs": True}), broadcast,
+                                           tasks, 2)
+    assert not runner.graphs.broken and len(runner.graphs.programs) == 2  # one program per width, reused
     assert_same(eager, captured, atol=1e-5)
     assert_same(captured, replayed, atol=1e-6)

@@ -45,6 +45,10 @@ def run_cli(tmp_path, text, *args):
     (GOOD, ["--set", "noequals"], "--set"),
     (GOOD + "data: [1, 2\n", [], "c.yaml: not valid YAML"),
     ("- just\n- a list\n", [], "c.yaml: the top level must be a mapping"),
+    (GOOD + "a: b: c\n", [], "c.yaml: not valid YAML line 8"),
+    (GOOD, ["--set", "method.name=heterofl", "--set", "method.clip_grad_norm=-2"], "method.clip_grad_norm"),
+    (GOOD, ["--set", "method.name=fedrolex", "--set", "method.clip_grad_norm=0"], "method.clip_grad_norm"),
+    (GOOD, ["--set", "method.name=prunefl", "--set", "method.dense_layers=[fc9.weight]"], "method.dense_layers"),
 ])
 def test_bad_input_is_one_line_naming_the_field(tmp_path, capsys, text, args, field):
     code, out = run_cli(tmp_path, text, *args)
@@ -54,6 +58,30 @@ def test_bad_input_is_one_line_naming_the_field(tmp_path, capsys, text, args, fi
     assert err.startswith("fedbench: error: ")
     assert field in err, err
     assert not out.exists(), "nothing may be written for bad input"
+
+
+def test_a_binary_config_file_is_one_line(tmp_path, capsys):
+    cfg = tmp_path / "model.pt"
+    cfg.write_bytes(bytes(range(256)) * 4)
+    assert main(["run", str(cfg), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model.pt: not a text file" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("labels, problem", [([0, 1, -1], "y_train holds labels outside 0..classes-1"),
+                                             ([0.0, 1.5, 2.0], "y_train must be a 1-D array of integer")])
+def test_npz_labels_must_be_class_indices(tmp_path, capsys, labels, problem):
+    import numpy as np
+
+    path = tmp_path / "bad.npz"
+    n = len(labels)
+    np.savez(path, x_train=np.zeros((n, 28, 28), np.uint8), y_train=np.array(labels),
+             x_test=np.zeros((n, 28, 28), np.uint8), y_test=np.zeros(n, np.int64))
+    code, out = run_cli(tmp_path, GOOD, "--set", f"data.dataset=npz:{path}")
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and problem in err and "bad.npz" in err, err
+    assert not out.exists()
 
 
 def test_missing_config_file(tmp_path, capsys):

@@ -9,18 +9,16 @@ import pandas as pd
 import pytest
 import torch
 
-import fedlps.strategy as fedlps_strategy
-from conftest import make_config
+from conftest import local_update, make_config
 from fedlps.masks import fixed_masks, keep_count, keep_widths, score_masks, straight_through, topk_mask
 from fedlps.pucbv import PUCBV, Arm, utility
 from fedlps.strategy import FedLPS, FedLPSParams
 from harness.cost import client_time
-from harness.engine import threads
 from harness.experiment import Experiment
+from harness.records import ClientResult, ClientSlot, ClientTask
 from harness.state import MemoryStore
-from harness.strategy import ClientResult, ClientSlot, ClientTask
 from harness.submodel import unit_l1_norms
-from harness.training import local_sgd
+from harness.training import threads, train_alone
 from harness.workbench import Workbench
 
 # ---------------------------------------------------------------------------------------------------
@@ -54,6 +52,11 @@ def test_pucbv_indices_by_hand():
     b.arms.append(Arm(1.0, 1.0))  # K = 6: psi * T = 100 / 36
     b.decisions = 0
     assert b.exploration_log() == pytest.approx(math.log(100 / 36))
+    b.decisions = 2000  # 2^-2000 is 0 in floating point: the bonus must vanish, not raise
+    assert b.exploration_log() == 0.0 and b.indices()[2] == pytest.approx(1.0)
+    b = PUCBV.new(seed=1, horizon=10.0)
+    for _ in range(1200):  # a client that decides for ever
+        b.observe(b.decide().ratio, 0.5, 1.0)
 
 
 def test_pucbv_split_and_exploitation():
@@ -186,45 +189,41 @@ def task(bench, cid, ratio=0.5, state=None, rnd=0):
     return ClientTask(cid, rnd, bench.cfg.devices.tiers[-1], {"keep_ratio": ratio}, state)
 
 
-@pytest.fixture
-def record_sgd(monkeypatch):
-    """Wraps local_sgd to record the scores before/after and check, before every minibatch, that the
-    previous step left every masked coordinate exactly as it was."""
-    log = {"checked": 0, "mask_changes": 0}
+def recorded_update(s, broadcast, task, log):
+    """local_update, recording the scores before and after training and checking, before every
+    minibatch, that the previous step left every masked coordinate exactly as it was."""
+    job = s.local_job(broadcast, task)
+    model = s.bench.loaded(job)
+    hooks = job.hooks(model)
+    log.update(checked=0, mask_changes=0, scores_before=[p.detach().clone() for p in hooks.extra_params])
+    prepare, snap = hooks.before_batch, {}
 
-    def wrapped(model, *args, before_batch=None, update_masks=None, extra_params=(), **kw):
-        snap = {}
-        log["scores_before"] = [p.detach().clone() for p in extra_params]
+    def check_then_prepare():
+        params = dict(model.named_parameters())
+        if snap:
+            for name, mask in snap["masks"].items():
+                frozen = mask == 0
+                assert torch.equal(params[name].detach()[frozen], snap["params"][name][frozen])
+                log["checked"] += int(frozen.any())
+        prepare()
+        masks = hooks.update_masks()
+        if snap and any(not torch.equal(masks[k], snap["masks"][k]) for k in masks):
+            log["mask_changes"] += 1
+        snap["params"] = {n: p.detach().clone() for n, p in params.items()}
+        snap["masks"] = {k: v.clone() for k, v in masks.items()}
 
-        def check_then_prepare():
-            params = dict(model.named_parameters())
-            if snap:
-                for name, mask in snap["masks"].items():
-                    frozen = mask == 0
-                    assert torch.equal(params[name].detach()[frozen], snap["params"][name][frozen])
-                    log["checked"] += int(frozen.any())
-            if before_batch is not None:
-                before_batch()
-            masks = update_masks() if callable(update_masks) else (update_masks or {})
-            if snap and any(not torch.equal(masks[k], snap["masks"][k]) for k in masks):
-                log["mask_changes"] += 1
-            snap["params"] = {n: p.detach().clone() for n, p in params.items()}
-            snap["masks"] = {k: v.clone() for k, v in masks.items()}
-
-        stats = local_sgd(model, *args, before_batch=check_then_prepare, update_masks=update_masks,
-                          extra_params=extra_params, **kw)
-        log["scores_after"] = [p.detach().clone() for p in extra_params]
-        return stats
-
-    monkeypatch.setattr(fedlps_strategy, "local_sgd", wrapped)
-    return log
+    hooks.before_batch = check_then_prepare
+    job.hooks = lambda _model: hooks
+    train_alone(job, model)
+    log["scores_after"] = [p.detach().clone() for p in hooks.extra_params]
+    return s.local_result(broadcast, task, job)
 
 
-def test_masked_units_receive_no_weight_update(bench, record_sgd):
+def test_masked_units_receive_no_weight_update(bench):
     # paper variant: the mask is recomputed before every minibatch; a large score lr makes it move
-    s = strategy(bench, score_lr=50.0)
-    result = s.local_update(s.global_state, task(bench, 3, ratio=0.25))
-    assert record_sgd["checked"] > 0 and record_sgd["mask_changes"] > 0
+    s, log = strategy(bench, score_lr=50.0), {}
+    result = recorded_update(s, s.global_state, task(bench, 3, ratio=0.25), log)
+    assert log["checked"] > 0 and log["mask_changes"] > 0
     # the upload is zero outside the final mask's coordinates and the personal model keeps them
     widths = keep_widths(bench.full_widths, 0.25)
     assert result.flops == 3 * bench.flops.forward(widths) * result.num_samples
@@ -237,7 +236,7 @@ def test_masked_units_receive_no_weight_update(bench, record_sgd):
 
 def test_fixed_mask_keeps_masked_units_at_global_values(bench):
     s = strategy(bench, keep_ratio_policy="fixed", keep_ratio=0.5, mask="ordered")
-    result = s.local_update(s.global_state, task(bench, 4))
+    result = local_update(s, s.global_state, task(bench, 4))
     d = result.payload
     assert d["conv2.weight"][10:].abs().sum() == 0 and d["conv2.bias"][10:].abs().sum() == 0
     assert d["conv2.weight"][:10, :5].abs().sum() > 0
@@ -248,10 +247,10 @@ def test_fixed_mask_keeps_masked_units_at_global_values(bench):
 
 @pytest.mark.parametrize("variant,lam,moves", [("paper", 0.0, True), ("reference", 0.0, False),
                                                ("reference", 1.0, True)])
-def test_scores_move_by_the_task_gradient_only_in_the_paper_variant(bench, record_sgd, variant, lam, moves):
-    s = strategy(bench, variant=variant, lam=lam)
-    result = s.local_update(s.global_state, task(bench, 5))
-    before, after = record_sgd["scores_before"], record_sgd["scores_after"]
+def test_scores_move_by_the_task_gradient_only_in_the_paper_variant(bench, variant, lam, moves):
+    s, log = strategy(bench, variant=variant, lam=lam), {}
+    result = recorded_update(s, s.global_state, task(bench, 5), log)
+    before, after = log["scores_before"], log["scores_after"]
     assert len(before) == 3 and [len(x) for x in before] == [10, 20, 50]
     changed = any(not torch.equal(a, b) for a, b in zip(before, after))
     assert changed == moves
@@ -266,9 +265,9 @@ def test_scores_move_by_the_task_gradient_only_in_the_paper_variant(bench, recor
 
 def test_paper_scores_persist_per_client(bench):
     s = strategy(bench)
-    first = s.local_update(s.global_state, task(bench, 6))
-    again = s.local_update(s.global_state, task(bench, 6, state=first.state, rnd=1))
-    fresh = s.local_update(s.global_state, task(bench, 6, rnd=1))
+    first = local_update(s, s.global_state, task(bench, 6))
+    again = local_update(s, s.global_state, task(bench, 6, state=first.state, rnd=1))
+    fresh = local_update(s, s.global_state, task(bench, 6, rnd=1))
     assert not torch.equal(again.state["fc1"], fresh.state["fc1"])
     # initialised from sigmoid(||W_u||_1) plus small noise
     norms = unit_l1_norms(s.global_state, bench.layout)
@@ -278,20 +277,22 @@ def test_paper_scores_persist_per_client(bench):
 def test_personalised_evaluation_uses_each_clients_own_model(bench):
     s = strategy(bench, keep_ratio_policy="fixed", keep_ratio=0.5, mask="ordered")
     g = s.global_state
-    results = [s.local_update(g, task(bench, c)) for c in (1, 2)]
+    results = [local_update(s, g, task(bench, c)) for c in (1, 2)]
     for r in results:
         r.sim_compute_s, r.sim_up_s, r.sim_down_s = 1.0, 1.0, 1.0
         # the personal model = global + masked update, with the prefix mask
         model = bench.load(bench.build(), {k: g[k] + r.payload[k] for k in g})
         model.unit_masks = {grp: (torch.arange(n) < n // 2).float() for grp, n in bench.full_widths.items()}
-        assert bench.accuracy_on_client(model, r.client_id) == r.metrics["acc_personal"]
-    s.aggregate(0, results)
+        assert bench.accuracy_on_client(model, r.client_id)["mirrored"] == r.metrics["acc_personal"]
+    s.aggregate(0, results, [])
     ev = s.evaluate(0)
-    global_acc = bench.evaluate_global(s.global_state).client_acc
+    global_acc = bench.evaluate_global(s.global_state).clients["mirrored"]
     assert ev.acc_global is None
-    assert [ev.client_acc[1], ev.client_acc[2]] == [r.metrics["acc_personal"] for r in results]
+    acc = ev.clients["mirrored"]
+    assert [acc[1], acc[2]] == [r.metrics["acc_personal"] for r in results]
     others = np.setdiff1d(np.arange(len(bench.clients)), [1, 2])
-    assert np.array_equal(ev.client_acc[others], global_acc[others])
+    assert np.array_equal(acc[others], global_acc[others])
+    assert np.array_equal(ev.global_clients["mirrored"], global_acc, equal_nan=True)
 
 
 @pytest.mark.parametrize("variant", ["paper", "reference"])
@@ -304,13 +305,14 @@ def test_reference_quirks_in_aggregation(bench, variant):
                             sim_compute_s=1.0, sim_up_s=1.0, sim_down_s=1.0)
 
     before = copy.deepcopy(s.global_state)
-    s.aggregate(0, [result(7, 0.25, 0.9), result(8, 0.5, 0.7)])
+    s.aggregate(0, [result(7, 0.25, 0.9), result(8, 0.5, 0.7)], [])
     diff = torch.cat([(s.global_state[k] - before[k]).flatten() for k in before])
-    assert s.personal_acc[8] == 0.7
+    personal = s.personal_acc["mirrored"]
+    assert personal[8] == 0.7
     if variant == "paper":
-        assert s.personal_acc[7] == 0.9 and diff.abs().max() == 0
+        assert personal[7] == 0.9 and diff.abs().max() == 0
     else:  # a training at 1/4 does not replace the personal model; noise of std 0.001 on the aggregate
-        assert np.isnan(s.personal_acc[7])
+        assert np.isnan(personal[7])
         assert 0.0008 < float(diff.std()) < 0.0012
 
 
@@ -324,14 +326,14 @@ def play_round(bench, s, store, rnd, clients):
     broadcast, instructions = s.configure(rnd, slots)
     results = []
     for slot, ins in zip(slots, instructions):
-        r = s.local_update(broadcast, ClientTask(slot.client_id, rnd, slot.tier, ins, store.get(slot.client_id)))
+        r = local_update(s, broadcast, ClientTask(slot.client_id, rnd, slot.tier, ins, store.get(slot.client_id)))
         t = client_time(slot.tier, bench.cfg.devices, r.flops, r.bytes_down, r.bytes_up)
         r.sim_down_s, r.sim_compute_s, r.sim_up_s = t.down_s, t.compute_s, t.up_s
         if r.state is not None:
             store.put(r.client_id, r.state)
         results.append(r)
-    s.aggregate(rnd, results)
-    return results, s.evaluate(rnd).client_acc
+    s.aggregate(rnd, results, [])
+    return results, s.evaluate(rnd).clients["mirrored"]
 
 
 def test_state_dict_and_store_resume_the_same_numbers(bench):

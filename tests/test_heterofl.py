@@ -5,15 +5,13 @@ import pandas as pd
 import pytest
 import torch
 
-from harness.config import Tier
 from harness.errors import ConfigError
-from harness.engine import threads
-from harness.experiment import Experiment
-from harness.state import MemoryStore
-from harness.strategy import ClientSlot, ClientTask
+from harness.records import ClientSlot, ClientTask
 from harness.submodel import prefix_index_sets, rolling_index_sets
 from harness.workbench import Workbench
-from conftest import write_tiny_rgb
+from conftest import local_update, run_serial as run, started, tier, write_tiny_rgb
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 DENSE_CNN_FLOPS = 961_000  # forward FLOPs of one sample (tests/test_models.py)
 DENSE_CNN_BYTES = 4 * (10 * 25 + 10 + 20 * 10 * 25 + 20 + 50 * 320 + 50 + 10 * 50 + 10)
@@ -22,40 +20,15 @@ ALL_OFF = {"method.scaler": False, "method.static_bn": False, "method.masked_ce"
            "method.label_split": False, "method.clip_grad_norm": None}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Direct strategy calls train with one thread, as a serial engine's executor does (faster on a
-    busy machine, and the numbers depend on the thread count)."""
-    with threads(1):
-        yield
-
-
-def tier(cap):
-    return Tier(name=f"cap{cap:g}", cap=cap, compute_mflops=744448)
-
-
-def started(cfg):
-    bench = Workbench(cfg)
-    bench.strategy.setup(MemoryStore())
-    return bench, bench.strategy
-
-
 def one_round(strategy, rnd, clients, cap):
     bench = strategy.bench
     slots = [ClientSlot(c, tier(cap), bench.clients[c].num_samples) for c in clients]
     broadcast, instructions = strategy.configure(rnd, slots)
     assert broadcast is strategy.global_state and instructions == [None] * len(slots)
-    results = [strategy.local_update(broadcast, ClientTask(s.client_id, rnd, s.tier, i))
+    results = [local_update(strategy, broadcast, ClientTask(s.client_id, rnd, s.tier, i))
                for s, i in zip(slots, instructions)]
-    strategy.aggregate(rnd, results)
+    strategy.aggregate(rnd, results, [])
     return results
-
-
-def run(cfg):
-    assert cfg.engine.backend == "serial"  # in process: no Ray start-up in these small runs
-    Experiment(cfg).run()
-    out = f"{cfg.out}/{cfg.name}"
-    return pd.read_parquet(f"{out}/rounds.parquet"), pd.read_parquet(f"{out}/clients.parquet")
 
 
 def write_trace(path, tier_names):
@@ -105,8 +78,8 @@ def test_fedrolex_rolls_with_the_global_round(config):
     # round 0 trains exactly what HeteroFL trains
     _, hetero = started(config(**{"method.name": "heterofl"}))
     task = ClientTask(2, 0, tier(0.4))
-    a = hetero.local_update(hetero.global_state, task).payload
-    b = rolex.local_update(rolex.global_state, task).payload
+    a = local_update(hetero, hetero.global_state, task).payload
+    b = local_update(rolex, rolex.global_state, task).payload
     assert all(torch.equal(a.state[k], b.state[k]) for k in a.state)
 
     # in round 8 the update lands in the window: conv1 units 0, 1, 8, 9 change, 2..7 keep their values
@@ -144,13 +117,12 @@ def test_clients_parquet_cost_shrinks_with_the_ratio(config, tmp_path, method):
 
 # -- the switches ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("switches, norm, rate", [({}, "sbn", 0.25), (ALL_OFF, None, 1.0)])
-def test_scaler_and_static_bn_switches_build_the_local_model(config, monkeypatch, switches, norm, rate):
+def test_scaler_and_static_bn_switches_build_the_local_model(config, switches, norm, rate):
     bench, strategy = started(config(**{"method.name": "heterofl"}, **switches))
-    built = []
-    real_build = bench.build
-    monkeypatch.setattr(bench, "build", lambda *a, **kw: built.append(kw) or real_build(*a, **kw))
-    strategy.local_update(strategy.global_state, ClientTask(0, 0, tier(0.25)))
-    assert built == [{"norm": norm, "rate": rate}]
+    job = strategy.local_job(strategy.global_state, ClientTask(0, 0, tier(0.25)))
+    assert job.spec.norm == (norm or bench.cfg.model.norm) and job.spec.rate == rate
+    model = bench.loaded(job)
+    assert model.rate == rate and model.norm_kind == job.spec.norm
 
 
 def test_masked_ce_and_label_split_leave_absent_classes_alone(config):
@@ -180,10 +152,10 @@ def test_count_normalised_mean_and_checkpoint(config):
     assert torch.allclose(strategy.global_state["conv2.weight"][:10, :5], expected, atol=1e-7)
     assert torch.equal(strategy.global_state["conv2.weight"][10:], before["conv2.weight"][10:])
 
-    copy = Workbench(bench.cfg).strategy
-    copy.setup(MemoryStore())
+    _, copy = started(bench.cfg)
     copy.load_state_dict(strategy.state_dict())
-    assert np.array_equal(copy.evaluate(0).client_acc, strategy.evaluate(0).client_acc, equal_nan=True)
+    assert np.array_equal(copy.evaluate(0).clients["mirrored"], strategy.evaluate(0).clients["mirrored"],
+                          equal_nan=True)
 
 
 def test_unknown_parameter_is_a_config_error(config):

@@ -6,12 +6,20 @@ import pytest
 import torch
 import torch.nn as nn
 
-from baselines.prunefl import (PruneFL, density, drop_fraction, drop_lowest, greedy_readd, reconfigure,
-                               train_masked)
+from baselines.prunefl import PruneFL, density, drop_fraction, drop_lowest, greedy_readd, reconfigure
+from conftest import local_update
 from harness.config import TrainConfig
 from harness.cost import sparse_bytes
 from harness.experiment import Experiment
-from harness.strategy import ClientTask
+from harness.records import ClientTask
+from harness.training import LocalJob, train_alone
+
+
+def train_masked(model, masks, x, y, train, lr, generator) -> LocalJob:
+    """PruneFL's local training of `model` (in place) as a job: weight masks with importance."""
+    job = LocalJob(None, {}, x, y, train, lr, generator, weight_masks=masks, importance=True)
+    train_alone(job, model)
+    return job
 
 
 def test_greedy_readd_by_hand():
@@ -72,20 +80,20 @@ def test_masked_training_ignores_pruned_weights_but_keeps_dense_gradients():
     grad = reference[0].weight.grad
     assert grad[1, 2] != 0
     one_step = train_masked(models[0], masks, x, y, TrainConfig(epochs=1, batch_size=8), 0.1,
-                            torch.Generator().manual_seed(3))[1]
-    assert torch.allclose(one_step.importance["0.weight"], grad.pow(2) * 8)  # grad^2 x batch size
+                            torch.Generator().manual_seed(3))
+    assert torch.allclose(one_step.grad_importance["0.weight"], grad.pow(2) * 8)  # grad^2 x batch size
     assert one_step.dense_importance == pytest.approx(float(reference[0].bias.grad.pow(2).sum() * 8), rel=1e-5)
 
     # two models that differ only in the pruned value train identically
     models[0].load_state_dict(models[1].state_dict())
     with torch.no_grad():
         models[0][0].weight[1, 2] = 5.0
-    (stats0, hooks0), (stats1, _) = [
+    job0, job1 = [
         train_masked(m, masks, x, y, TrainConfig(epochs=2, batch_size=4), 0.1, torch.Generator().manual_seed(3))
         for m in models[:2]]
-    assert stats0.loss == stats1.loss
+    assert job0.stats.loss == job1.stats.loss
     assert torch.equal(models[0][0].weight, models[1][0].weight) and models[0][0].weight[1, 2] == 0
-    assert hooks0.importance["0.weight"][1, 2] > 0
+    assert job0.grad_importance["0.weight"][1, 2] > 0
 
 
 # CNN forward FLOPs per sample of each layer, and its biases (90 floats), from test_cost's numbers
@@ -125,7 +133,7 @@ def test_run_reconfigures_every_interval_and_resumes_exactly(config):
     # pruned coordinates keep their stale (nonzero) value, so evaluation must apply the mask
     broadcast, _ = strategy.configure(5, [None, None])
     before = {n: strategy.global_state[n].clone() for n in strategy.masks}
-    strategy.aggregate(5, [strategy.local_update(broadcast, ClientTask(c, 5, cfg.devices.tiers[0])) for c in (3, 7)])
+    strategy.aggregate(5, [local_update(strategy, broadcast, ClientTask(c, 5, cfg.devices.tiers[0])) for c in (3, 7)], [])
     for n, m in strategy.masks.items():
         assert torch.equal(strategy.global_state[n][~m], before[n][~m])
         assert not torch.equal(strategy.global_state[n][m], before[n][m])

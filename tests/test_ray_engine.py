@@ -38,6 +38,29 @@ def test_serial_and_ray_pools_of_1_2_4_give_identical_rows(ray_session, config):
         assert_same(read(serial), read(cfg))
 
 
+METHODS = {
+    "heterofl": {"method.name": "heterofl"},
+    "fedrolex": {"method.name": "fedrolex"},
+    "prunefl": {"method.name": "prunefl", "method.interval": 1, "method.initial_samples": 20,
+                "method.initial_interval": 2, "method.initial_max_rounds": 4},
+    "fedlps-paper": {"method.name": "fedlps"},
+    "fedlps-reference": {"method.name": "fedlps", "method.variant": "reference"},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_gives_identical_rows_serially_and_on_ray_pools(ray_session, config, method):
+    """The executors' copies of the strategy (built there from the config) behave as the driver's."""
+    base = {"rounds": 2, "clients.per_round": 6, **METHODS[method]}
+    serial = config(name=f"{method}-serial", **base, **{"engine.backend": "serial"})
+    Experiment(serial).run()
+    for n in (1, 2):
+        cfg = config(name=f"{method}-ray{n}", **base, **{"engine.backend": "ray", "engine.executors": n})
+        Experiment(cfg).run()
+        assert_same(read(serial), read(cfg))
+
+
 def test_fractional_logical_gpus_all_run_at_once(ray_session, config):
     cfg = config(**{"engine.backend": "ray", "engine.executors": 4, "engine.cpus_per_executor": 0.5,
                     "engine.gpus_per_executor": 0.25})

@@ -4,6 +4,7 @@ import pytest
 
 from harness.cli import main
 from harness.experiment import Experiment
+from harness.registry import declared_columns
 from harness.results import CLIENTS, ROUNDS
 
 WALL = [c for c in ROUNDS.names if c.startswith("wall")]
@@ -27,7 +28,10 @@ def test_same_config_same_numbers(config, tmp_path):
 def test_records_follow_the_cost_model(config):
     rounds, clients = run(config(rounds=3, eval_every=2))
     assert rounds["round"].tolist() == [1, 2]  # evaluated rounds only, and always the last
-    assert list(rounds.columns) == ROUNDS.names and list(clients.columns) == CLIENTS.names
+    # the harness's columns, then those of every registered method (one schema for every method)
+    assert list(rounds.columns) == ROUNDS.names + list(declared_columns("round", "fedavg"))
+    assert list(clients.columns) == CLIENTS.names + list(declared_columns("client", "fedavg"))
+    assert {"density", "arm_low", "acc_personal"} <= set(clients.columns) and clients["density"].isna().all()
     per_round = clients.groupby("round")
     assert per_round["sim_s"].max().loc[[1, 2]].tolist() == pytest.approx(rounds["sim_round_s"].tolist())
     assert rounds["sim_total_s"].iloc[-1] == pytest.approx(per_round["sim_s"].max().sum())
