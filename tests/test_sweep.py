@@ -68,7 +68,11 @@ def test_leaderboard_by_hand(tmp_path):
     board = leaderboard.build(tmp_path)
     assert board["method"].tolist() == ["a", "b"]  # best first
     a, b = board.iloc[0], board.iloc[1]
-    assert (a["seeds"], a["final_acc_mean"], a["final_acc_std"]) == (2, pytest.approx(0.85), pytest.approx(0.05))
+    assert (a["seeds"], a["final_acc_mean"], a["final_acc_std"]) == (2, pytest.approx(0.85), pytest.approx(0.05 * 2 ** 0.5))
+    # fewer than 10 rounds: last10 is the mean of all 3; seed 1: 2/3, seed 2: 0.7
+    assert a["last10_acc_mean"] == pytest.approx((2 / 3 + 0.7) / 2)
+    assert a["last10_acc_ci95_high"] == pytest.approx((2 / 3 + 0.7) / 2 + 12.706205 * (0.7 - 2 / 3) / 2, rel=1e-6)
+    assert pd.isna(a["last10_acc_global_mean"])  # runs without acc_global_clients_mean
     assert (b["best_acc_mean"], b["best_acc_std"]) == (pytest.approx(0.6), pytest.approx(0.0))
     # default target: the lowest best accuracy of any run (0.6): a reaches it at 20 s (seed 1) and 10 s (seed 2)
     assert a["target_acc"] == pytest.approx(0.6) and a["time_to_target_s"] == pytest.approx(15.0)
