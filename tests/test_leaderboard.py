@@ -189,3 +189,49 @@ def test_claims_table(runs, capsys):
     assert "claims: " + SETTING_TITLE in printed and "holds" in printed
     fails = leaderboard.claims(runs, "same").set_index(["other", "view", "test_sets"])
     assert fails.loc[("Base (reference)", "clients", "mirrored"), "time_claim"] == "fails"  # 0, -10, +10 %
+
+
+def test_plots_read_as_a_papers_figures(runs):
+    import matplotlib.pyplot as plt
+
+    from harness.plots import _band, figures, plot
+
+    seen = {}
+    for name, fig in figures(runs):
+        seen[name] = (fig._suptitle.get_text(), [ax for ax in fig.axes])
+        if name != "s_running_time.png":
+            left, right = fig.axes
+            assert [t.get_text() for t in left.get_legend().get_texts()] == [
+                "Base (reference)", "Down", "Same", "Up (paper)"]
+            assert right.get_title() == "the global model, on each client's test set"
+            assert len(left.collections) == 4  # a band per method
+        else:
+            assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["Base (reference)", "Down", "Same",
+                                                                            "Up (paper)"]
+        plt.close(fig)
+    assert set(seen) == {"s_acc_vs_time.png", "s_acc_vs_round.png", "s_running_time.png"}
+    title = seen["s_acc_vs_round.png"][0]
+    assert title.startswith(SETTING_TITLE + ", CNN\nmean of 3 seeds; band: 95 % confidence interval of the mean")
+    assert seen["s_running_time.png"][0].startswith(f"Running time, {SETTING_TITLE}, CNN")
+    files = plot(runs)
+    assert sorted(f.name for f in files) == sorted(seen) and all(f.stat().st_size > 10_000 for f in files)
+    # the band is the 95 % t-interval of the mean over seeds, not their range
+    x = np.arange(3.0)
+    grid, mean, low, high = _band([(x, np.full(3, v)) for v in (80.0, 82.0, 84.0)])
+    assert mean == pytest.approx(np.full(len(grid), 82.0))
+    assert high - mean == pytest.approx(np.full(len(grid), T2 * 2.0 / math.sqrt(3)), rel=1e-6)
+    assert _band([(x, np.ones(3))])[2] is None
+
+
+def test_plots_without_titles_or_the_global_view(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from harness.plots import figures
+
+    write_runs(tmp_path, seeds=(1,), new_columns=False)
+    for name, fig in figures(tmp_path):
+        if name == "s_acc_vs_time.png":
+            assert len(fig.axes) == 1 and fig._suptitle.get_text() == "s, CNN"
+            assert fig.axes[0].get_title() == "one seed" and not fig.axes[0].collections
+            assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["base", "down", "same", "up"]
+        plt.close(fig)
