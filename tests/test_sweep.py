@@ -40,6 +40,15 @@ def test_a_trial_that_dies_continues_from_its_checkpoint_with_the_same_numbers(r
                                       again.drop(columns=WALL + ["method_label"]))
     board = leaderboard.build(tmp_path / "sweep")
     assert board["seeds"].tolist() == [2]
+    # a new seed added to the same folder runs; the finished seeds are kept as they are
+    finished = {cfg.name: (tmp_path / "sweep" / cfg.name / "summary.parquet").stat().st_mtime_ns for cfg in experiments}
+    more, sweep = expand(sweep_raw(tmp_path), [("seed", [1, 2, 3])])
+    assert [cfg.name for cfg in more] == [*finished, "sw_seed3"]
+    run_sweep(more, sweep, tmp_path / "sweep", "sw")
+    assert pd.read_parquet(tmp_path / "sweep" / "sw_seed3" / "rounds.parquet")["round"].tolist() == [0, 1, 2, 3]
+    assert {n: (tmp_path / "sweep" / n / "summary.parquet").stat().st_mtime_ns for n in finished} == finished
+    run_sweep(more, sweep, tmp_path / "sweep", "sw")  # all finished: nothing runs again
+    assert leaderboard.build(tmp_path / "sweep")["seeds"].tolist() == [3]
 
 
 def test_a_sweep_too_large_for_the_cluster_fails_at_once(ray_session, tmp_path):
