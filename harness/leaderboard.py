@@ -30,7 +30,7 @@ VIEWS = (("", "acc_clients_mean"), ("_global", "acc_global_clients_mean"))
 TESTS = (("", "mirrored"), ("_authors_tests", "authors"))
 
 
-def _load(root: Path, table: str) -> pd.DataFrame:
+def _load(root: str | Path, table: str) -> pd.DataFrame:
     try:
         return load(root, table)
     except FileNotFoundError:
@@ -86,7 +86,7 @@ def view_columns() -> list[tuple[str, str, str]]:
     return [(tag, suffix, column + suffix) for suffix, _ in TESTS for tag, column in VIEWS]
 
 
-def _runs(root: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _runs(root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The completed runs (one row each, with `last10<tag><suffix>` per view) and their rounds."""
     summary = _load(root, "summary")
     summary = summary[summary["status"] == "completed"].copy()
@@ -141,22 +141,20 @@ def _summary_stats(runs: pd.DataFrame) -> dict:
     return row
 
 
-def _delta_stats(runs: pd.DataFrame, base: pd.DataFrame | None) -> dict:
-    row = {}
-    seeds = set(runs["seed"]) & set(base["seed"]) if base is not None else set()
-    row["paired_seeds"] = len(seeds)
+def _delta_stats(runs: pd.DataFrame, base: pd.DataFrame) -> dict:
+    """Paired differences of `runs` against the baseline's runs `base` of the same setting."""
+    mine, theirs = runs.set_index("seed"), base.set_index("seed")
+    row = {"paired_seeds": len(set(mine.index) & set(theirs.index))}
     for tag, suffix, _ in view_columns():
         col = f"last10{tag}{suffix}"
-        pair = paired(runs.set_index("seed")[col], base.set_index("seed")[col]) if base is not None else pd.DataFrame(
-            columns=["m", "b"])
+        pair = paired(mine[col], theirs[col])
         mean, _, low, high, _ = mean_ci(pair["m"] - pair["b"])
         rel, _, rel_low, rel_high, _ = mean_ci(100 * (pair["m"] / pair["b"] - 1))
         row.update({f"delta{tag}_mean{suffix}": mean, f"delta{tag}_ci95_low{suffix}": low,
                     f"delta{tag}_ci95_high{suffix}": high, f"verdict{tag}{suffix}": verdict(low, high),
                     f"delta_rel_pct{tag}_mean{suffix}": rel, f"delta_rel_pct{tag}_ci95_low{suffix}": rel_low,
                     f"delta_rel_pct{tag}_ci95_high{suffix}": rel_high})
-    pair = paired(runs.set_index("seed")["sim_total_s"], base.set_index("seed")["sim_total_s"]) if base is not None \
-        else pd.DataFrame(columns=["m", "b"])
+    pair = paired(mine["sim_total_s"], theirs["sim_total_s"])
     mean, _, low, high, _ = mean_ci(100 * (pair["m"] / pair["b"] - 1))
     row.update({"time_delta_pct_mean": mean, "time_delta_pct_ci95_low": low, "time_delta_pct_ci95_high": high,
                 "time_verdict": verdict(low, high, lower_is_better=True)})
@@ -167,13 +165,12 @@ def build(root: str | Path, target_acc: float | None = None, baseline: str | Non
     """`target_acc` defaults, per setting, to the lowest best accuracy of any of its runs: the
     highest accuracy that every run reaches, so time-to-accuracy compares them all. With `baseline`
     (a method label, title or name), every row also gets its paired differences against it."""
-    root = Path(root)
     summary, rounds = _runs(root)
     base_label = resolve(summary, baseline, "--baseline", single=True)[0] if baseline is not None else None
     rows = []
     for setting, group in summary.groupby("setting", sort=True):
         target = target_acc if target_acc is not None else float(group["best_acc"].min())
-        base = group[group["method_label"] == base_label] if base_label is not None else None
+        base = group[group["method_label"] == base_label]  # empty where the setting lacks it: NaN, n/a
         for label, runs in group.groupby("method_label"):
             ttt = [time_to_target(rounds[rounds["experiment"] == e], target) for e in runs["experiment"]]
             reached = [t for t in ttt if not np.isnan(t)]
@@ -189,7 +186,7 @@ def build(root: str | Path, target_acc: float | None = None, baseline: str | Non
             }
             if base_label is not None:
                 row["baseline"] = base_label
-                row.update(_delta_stats(runs, base if base is not None and len(base) else None))
+                row.update(_delta_stats(runs, base))
                 if label == base_label:
                     row.update({k: "baseline" for k in row if "verdict" in k})
             rows.append(row)
@@ -228,7 +225,7 @@ def format_table(board: pd.DataFrame) -> str:
                  "last-10 acc % (± 95% CI)": [_pm(*v) for v in zip(b.last10_acc_mean, b.last10_acc_ci95_low,
                                                                    b.last10_acc_ci95_high)]}
         if has_global:
-            shown["global model %"] = [_pm(*v) for v in zip(b.last10_acc_global_mean, b.last10_acc_global_ci95_low,
+            shown["global last-10 %"] = [_pm(*v) for v in zip(b.last10_acc_global_mean, b.last10_acc_global_ci95_low,
                                                             b.last10_acc_global_ci95_high)]
         if "baseline" in b:
             shown["Δ pts [95% CI]"] = [_ci(*v) for v in zip(b.delta_mean, b.delta_ci95_low, b.delta_ci95_high)]
@@ -262,7 +259,7 @@ def claims(root: str | Path, label: str) -> pd.DataFrame:
     per (setting, method, other method, evaluation view, test sets) with the paired accuracy gain in
     points and in percent, its verdict, the running-time reduction in percent and whether "more than
     68.80 % less running time" holds."""
-    summary, _ = _runs(Path(root))
+    summary, _ = _runs(root)
     mine = resolve(summary, label, "--claims", single=False)
     rows = []
     for setting, group in summary.groupby("setting", sort=True):

@@ -49,7 +49,6 @@ def figures(root: str | Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    root = Path(root)
     summary = _load(root, "summary")
     summary = summary[summary["status"] == "completed"]
     rounds = _load(root, "rounds")
@@ -113,8 +112,7 @@ def figures(root: str | Path):
 def plot(root: str | Path, out: str | Path | None = None) -> list[Path]:
     import matplotlib.pyplot as plt
 
-    root = Path(root)
-    out = Path(out) if out else root / "plots"
+    out = Path(out) if out else Path(root) / "plots"
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name, fig in figures(root):

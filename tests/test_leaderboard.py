@@ -23,12 +23,12 @@ WIGGLE = np.array([-0.01, 0.01] * 5)  # the last 10 rounds wiggle around the lev
 SETTING_TITLE = "MNIST, 2 shards of 100 per client, 100 clients (10 per round)"
 
 
-def write_runs(root, methods=METHODS, seeds=SEEDS, new_columns=True):
+def write_runs(root, methods=METHODS, seeds=SEEDS, new_columns=True, setting="s"):
     """12 evaluated rounds per run: two early rounds at 0.1 (outside the last 10), then level + WIGGLE."""
     for label, (title, level, sim, glob) in methods.items():
         for i, seed in enumerate(seeds):
-            exp = f"{label}_seed{seed}"
-            ident = dict(experiment=exp, setting="s", method=label, method_label=label, dataset="mnist",
+            exp = f"{setting}_{label}_seed{seed}"
+            ident = dict(experiment=exp, setting=setting, method=label, method_label=label, dataset="mnist",
                          model="cnn", seed=seed)
             if new_columns:
                 ident.update(method_title=title, setting_title=SETTING_TITLE)
@@ -140,16 +140,28 @@ def test_one_seed_has_no_interval_and_no_verdict(tmp_path):
 
 
 def test_only_seeds_both_methods_have_are_paired(tmp_path):
-    write_runs(tmp_path, {k: METHODS[k] for k in ("base",)})
-    write_runs(tmp_path, {"up": METHODS["up"]}, seeds=(1, 2, 3))
-    for seed in (3,):  # the baseline loses its seed 3
-        for f in (tmp_path / f"base_seed{seed}").iterdir():
-            f.unlink()
-        (tmp_path / f"base_seed{seed}").rmdir()
-    up = row(leaderboard.build(tmp_path, baseline="base"), "up")
+    write_runs(tmp_path, {"base": METHODS["base"]}, seeds=(1, 2))  # the baseline lacks seed 3
+    write_runs(tmp_path, {"up": METHODS["up"]})
+    write_runs(tmp_path, {"up": METHODS["up"]}, setting="t")  # a setting without the baseline
+    board = leaderboard.build(tmp_path, baseline="base")
+    up = board[board["setting"] == "s"].set_index("method").loc["up"]
     assert up["paired_seeds"] == 2 and up["delta_mean"] == pytest.approx(0.055)
     # two differences 0.05, 0.06: std 0.0070711, t(0.975, 1) = 12.706205
     assert up["delta_ci95_high"] == pytest.approx(0.055 + 12.706205 * 0.005, rel=1e-6)
+    alone = board[board["setting"] == "t"].iloc[0]
+    assert alone["paired_seeds"] == 0 and np.isnan(alone["delta_mean"]) and alone["verdict"] == "n/a"
+
+
+def test_a_method_name_covers_its_variants():
+    runs = pd.DataFrame({"method_label": ["fedlps-variant-paper", "fedlps-variant-reference", "fedavg"],
+                         "method_title": ["FedLPS (paper)", "FedLPS (reference)", "FedAvg"],
+                         "method": ["fedlps", "fedlps", "fedavg"]})
+    assert leaderboard.resolve(runs, "FedLPS", "--claims", single=False) == [
+        "fedlps-variant-paper", "fedlps-variant-reference"]
+    assert leaderboard.resolve(runs, "fedlps (paper)", "--baseline", single=True) == ["fedlps-variant-paper"]
+    assert leaderboard.resolve(runs, "fedavg", "--baseline", single=True) == ["fedavg"]
+    with pytest.raises(leaderboard.UserError, match="--baseline: 'fedlps' names 2 methods"):
+        leaderboard.resolve(runs, "fedlps", "--baseline", single=True)
 
 
 def test_runs_without_the_new_columns(tmp_path):
@@ -158,7 +170,7 @@ def test_runs_without_the_new_columns(tmp_path):
     up = row(board, "up")
     assert up["delta_mean"] == pytest.approx(0.06) and up["method_title"] == "up"
     assert np.isnan(up["last10_acc_global_mean"]) and up["verdict_global"] == "n/a"
-    assert "global model %" not in leaderboard.format_table(board)
+    assert "global last-10 %" not in leaderboard.format_table(board)
     table = leaderboard.claims(tmp_path, "up")
     assert set(table["view"]) == {"clients"} and set(table["test_sets"]) == {"mirrored"}
 
