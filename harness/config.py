@@ -317,9 +317,7 @@ def _dict_axis(grid: dict[str, list[Any]], key: str) -> tuple[str | None, str]:
 
 
 def _is_list_type(annotation: Any) -> bool:
-    if get_origin(annotation) in (list, tuple, set):
-        return True
-    return any(_is_list_type(a) for a in get_args(annotation) if get_origin(annotation) is not Literal)
+    return get_origin(annotation) in (list, tuple, set) or any(_is_list_type(a) for a in get_args(annotation))
 
 
 def _takes_list(key: str, methods: set[str]) -> bool:

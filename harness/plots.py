@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.leaderboard import _load, t975
+from harness.leaderboard import _load, mean_ci, t975
 
 MODEL_NAMES = {"cnn": "CNN", "vgg11": "VGG-11", "vgg13": "VGG-13", "resnet18": "ResNet-18"}
 PANELS = (("acc_clients_mean", "the model each client uses"),
@@ -90,15 +90,13 @@ def figures(root: str | Path):
             fig.suptitle(title + (f"\n{note}" if len(panels) > 1 else ""), fontsize=10)
             fig.tight_layout()
             yield f"{stem}_{name}.png", fig
-        totals = summary[summary["setting"] == setting].groupby("method_label")
+        totals = summary[summary["setting"] == setting]
         fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
         for ax, col, label in ((axes[0], "sim_total_s", "simulated running time (s)"),
                                (axes[1], "wall_total_s", "wall-clock time of the run (s)")):
-            mean = totals[col].mean().reindex(methods)
-            count = totals[col].count().reindex(methods)
-            half = [t975(k - 1) * s / math.sqrt(k) if k > 1 else 0.0
-                    for k, s in zip(count, totals[col].std(ddof=1).reindex(methods))]
-            ax.bar(range(len(methods)), mean, yerr=np.nan_to_num(half), color=[colors[m] for m in methods], capsize=3)
+            stats = [mean_ci(totals.loc[totals["method_label"] == m, col]) for m in methods]
+            ax.bar(range(len(methods)), [s[0] for s in stats], yerr=np.nan_to_num([(s[3] - s[2]) / 2 for s in stats]),
+                   color=[colors[m] for m in methods], capsize=3)
             ax.set_xticks(range(len(methods)), [method_titles[m] for m in methods], rotation=30, ha="right",
                           fontsize=8)
             ax.set_ylabel(label)
