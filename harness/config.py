@@ -345,14 +345,17 @@ def _takes_list(key: str, methods: set[str]) -> bool:
     return False
 
 
-def _methods_named(base: dict[str, Any], grid: dict[str, list[Any]]) -> set[str]:
+def _methods_named(base: dict[str, Any], grid: dict[str, list[Any]], overrides) -> set[str]:
+    """Every method the experiments may use: the registered ones and those the config, its grid and
+    the overrides name (a strategy given by import path)."""
     from harness.strategy import available_methods
 
-    names = set(available_methods()) | {str(_get(base, "method.name") or "fedavg")}
-    for entry in grid.get("method", []):
-        if isinstance(entry, dict) and "name" in entry:
-            names.add(str(entry["name"]))
-    return names | {str(v) for v in grid.get("method.name", [])}
+    names = [_get(base, "method.name") or "fedavg", *grid.get("method.name", [])]
+    names += [e.get("name") for e in grid.get("method", []) if isinstance(e, dict)]
+    for key, value in overrides:
+        if key == "method.name":
+            names += value if isinstance(value, list) else [value]
+    return set(available_methods()) | {str(n) for n in names if n is not None}
 
 
 def apply_overrides(base: dict[str, Any], grid: dict[str, list[Any]], overrides) -> None:
@@ -366,7 +369,8 @@ def apply_overrides(base: dict[str, Any], grid: dict[str, list[Any]], overrides)
     grid axis it replaces the axis by them; inside the entries of a dict axis it keeps the entries
     holding any of them; elsewhere it makes a new axis. A list for a field that holds a list
     (`devices.tiers`) stays one value."""
-    methods = _methods_named(base, grid)
+    overrides = list(overrides)
+    methods = _methods_named(base, grid, overrides)
     settings = []
     for key, value in overrides:
         many = isinstance(value, list) and not _takes_list(key, methods)

@@ -113,6 +113,8 @@ def test_a_list_for_a_field_holding_a_list_stays_one_value():
     exps, _ = expand(raw, [("method.name", "prunefl"), ("method.dense_layers", ["fc2.weight"]),
                            ("devices.tiers", tiers)])
     assert [(e.method.params(), len(e.devices.tiers)) for e in exps] == [({"dense_layers": ["fc2.weight"]}, 1)]
+    exps, _ = expand({"name": "g"}, [("method.name", "tests.faulty:FailingFedAvg"), ("method.fail_clients", [1, 3])])
+    assert [e.method.params() for e in exps] == [{"fail_clients": [1, 3]}]  # a strategy given by import path
     exps, _ = expand(raw, [("method.name", ["fedavg", "prunefl", "fedlps"])])  # keeps the entries named
     assert [e.method.name for e in exps] == ["fedavg", "prunefl"]
 
