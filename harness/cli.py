@@ -73,13 +73,23 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--target-acc", type=float, help="target accuracy for the leaderboard's time-to-accuracy")
     lb = sub.add_parser("leaderboard", help="one row per (setting, method) over seeds, best first",
                         description="Read every finished experiment under DIR and print one row per (setting, "
-                                    "method): seeds, mean and std of final and best accuracy, simulated time to the "
-                                    "target accuracy, total simulated time, FLOPs, MB up and down, wall time.")
+                                    "method): seeds, the mean accuracy of the last 10 evaluated rounds (mean, std "
+                                    "and 95% t-interval over seeds; also for the global model and the authors' test "
+                                    "sets where recorded), final and best accuracy, simulated time to the target "
+                                    "accuracy, total simulated time, FLOPs, MB up and down, wall time. The CSV holds "
+                                    "every column (results/README.md).")
     lb.add_argument("dir", help="results folder (of `fedbench run` or `fedbench sweep`)")
     lb.add_argument("-o", "--output", help="write the leaderboard as CSV here (default: DIR/leaderboard.csv)")
     lb.add_argument("--target-acc", type=float,
                     help="accuracy (fraction) for time-to-target; default: per setting, the lowest best accuracy "
                          "of its runs, the highest level every run reaches")
+    lb.add_argument("--baseline", metavar="LABEL",
+                    help="add paired differences, seed by seed, against this method (a method label such as "
+                         "fedlps-variant-paper, or its title): accuracy in points and percent, total simulated time "
+                         "in percent, each with a 95%% interval and a verdict")
+    lb.add_argument("--claims", metavar="LABEL",
+                    help="check the paper's claims for this method (label, title or name, e.g. fedlps) against "
+                         "every other method: write DIR/claims.csv and print it")
     pl = sub.add_parser("plot", help="PNG figures: accuracy vs simulated time and vs round, running time",
                         description="Write, per setting, accuracy against simulated time and against round (a line "
                                     "per method, a band over seeds) and a bar chart of running time.")
@@ -187,9 +197,14 @@ def cmd_sweep(args) -> int:
 def cmd_leaderboard(args) -> int:
     from harness import leaderboard
 
-    board = leaderboard.build(args.dir, _target(args.target_acc))
+    board = leaderboard.build(args.dir, _target(args.target_acc), args.baseline)
+    table = leaderboard.claims(args.dir, args.claims) if args.claims is not None else None
     print(leaderboard.format_table(board))
-    print(f"\nwritten: {leaderboard.write(board, args.output or Path(args.dir) / 'leaderboard.csv')}")
+    written = [leaderboard.write(board, args.output or Path(args.dir) / "leaderboard.csv")]
+    if table is not None:
+        print("\n" + leaderboard.format_claims(table))
+        written.append(leaderboard.write(table, Path(args.dir) / "claims.csv"))
+    print(f"\nwritten: {', '.join(map(str, written))}")
     return 0
 
 

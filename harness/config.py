@@ -10,14 +10,14 @@ import copy
 import itertools
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from harness.errors import ConfigError
+from harness.errors import ConfigError, UserError
 from harness.records import Tier
-from harness.registry import method_class
+from harness.registry import available_methods, method_class
 
 DATASETS = ("mnist-5k", "mnist", "fashion-mnist", "cifar10", "cifar100")
 MODELS = ("auto", "cnn", "vgg11", "vgg13", "resnet18")
@@ -310,21 +310,75 @@ def _dict_axis(grid: dict[str, list[Any]], key: str) -> tuple[str | None, str]:
     return None, ""
 
 
+def _is_list_type(annotation: Any) -> bool:
+    return get_origin(annotation) in (list, tuple, set) or any(_is_list_type(a) for a in get_args(annotation))
+
+
+def _takes_list(key: str, methods: set[str]) -> bool:
+    """Whether the field at dotted `key` itself holds a list (`devices.tiers`, PruneFL's
+    `method.dense_layers`), so that a list given for it is one value, not several."""
+    parts = key.split(".")
+    if parts[0] == "method" and len(parts) == 2 and parts[1] != "name":
+        fields = []
+        for name in sorted(methods):
+            try:
+                fields.append(method_class(name).Params.model_fields.get(parts[1]))
+            except UserError:  # an unknown method fails validation later, naming method.name
+                pass
+        return any(f is not None and _is_list_type(f.annotation) for f in fields)
+    model: Any = ExperimentConfig
+    for i, part in enumerate(parts):
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return False
+        if i == len(parts) - 1:
+            return _is_list_type(field.annotation)
+        model = field.annotation
+    return False
+
+
+def _methods_named(base: dict[str, Any], grid: dict[str, list[Any]], overrides) -> set[str]:
+    """Every method the experiments may use: the registered ones and those the config, its grid and
+    the overrides name (a strategy given by import path)."""
+    names = [_get(base, "method.name") or "fedavg", *grid.get("method.name", [])]
+    names += [e.get("name") for e in grid.get("method", []) if isinstance(e, dict)]
+    for key, value in overrides:
+        if key == "method.name":
+            names += value if isinstance(value, list) else [value]
+    return set(available_methods()) | {str(n) for n in names if n is not None}
+
+
 def apply_overrides(base: dict[str, Any], grid: dict[str, list[Any]], overrides) -> None:
     """--set semantics. A key that is a grid axis replaces the axis by the one value. A key inside the
     dict entries of an axis (`method.name` for an axis of methods) first keeps the entries that already
     have that value; if none has, it is set in every entry. Any other key sets the base experiment.
     Selections go before settings, so `--set method.interval=2 --set method.name=prunefl` works in
-    either order."""
+    either order.
+
+    A list given for a field that takes one value (`--set seed=[4,5,6]`) means several values: on a
+    grid axis it replaces the axis by them; inside the entries of a dict axis it keeps the entries
+    holding any of them; elsewhere it makes a new axis. A list for a field that holds a list
+    (`devices.tiers`) stays one value."""
+    overrides = list(overrides)
+    methods = _methods_named(base, grid, overrides)
     settings = []
     for key, value in overrides:
+        many = isinstance(value, list) and not _takes_list(key, methods)
+        if many:
+            if not value:
+                raise ConfigError(key, "an empty list of values gives no experiment")
+            if any(v in value[:i] for i, v in enumerate(value)):
+                raise ConfigError(key, f"the list {value} repeats a value")
+        values = value if many else [value]
         if key in grid:
-            grid[key] = [value]
+            grid[key] = list(values)
             continue
         axis, sub = _dict_axis(grid, key)
-        kept = [e for e in grid[axis] if _get(e, sub) == value] if axis else []
+        kept = [e for e in grid[axis] if _get(e, sub) in values] if axis else []
         if kept:
             grid[axis] = kept
+        elif many:
+            grid[key] = list(values)
         else:
             settings.append((key, value))
     for key, value in settings:
@@ -350,6 +404,16 @@ def axis_label(value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9.-]+", "-", str(value)).strip("-")
 
 
+def experiment_name(tree: dict[str, Any], varying: list[str]) -> str:
+    """`<name>_<labels of the other varying axes>_seed<seed>`: the seed is always in the name, so that a
+    new seed added to an output folder is a new experiment, not one already finished. A trailing
+    `_seed<n>` of the configured name is dropped first, so the config.yaml of a result folder
+    reproduces its name (and, with another seed, names that seed)."""
+    base = re.sub(r"_seed\d+$", "", str(tree.get("name", ExperimentConfig.model_fields["name"].default)))
+    seed = tree.get("seed", ExperimentConfig.model_fields["seed"].default)
+    return "_".join([base, *varying, f"seed{axis_label(seed)}"])
+
+
 def expand(raw: dict[str, Any], overrides: list[tuple[str, Any]] = ()) -> tuple[list[ExperimentConfig], SweepFile]:
     """Expand a config mapping and its overrides into validated experiments (one per grid point).
     Overrides of `tune.*` keys set the sweep's Tune settings."""
@@ -373,9 +437,7 @@ def expand(raw: dict[str, Any], overrides: list[tuple[str, Any]] = ()) -> tuple[
                 merged.update(copy.deepcopy(value))
                 value = merged
             set_dotted(tree, axis, copy.deepcopy(value))
-        varying = [axis_label(v) for a, v in zip(axes, point) if len(grid[a]) > 1]
-        base_name = tree.get("name", "experiment")
-        name = "_".join([str(base_name), *varying]) if varying else str(base_name)
+        name = experiment_name(tree, [axis_label(v) for a, v in zip(axes, point) if len(grid[a]) > 1 and a != "seed"])
         while name in names:
             name += "+"
         names.add(name)

@@ -1,6 +1,17 @@
-"""The leaderboard: one row per (setting, method) over seeds, best first, from the Parquet results."""
+"""The leaderboard: one row per (setting, method) over seeds, best first, from the Parquet results;
+paired differences against a baseline method and the claims table (results/README.md, "Leaderboard
+columns", names and defines every column).
+
+Statistics over seeds: every std is the sample std (ddof=1); a 95 % confidence interval is Student's t
+interval of the mean, mean +- t(0.975, n-1) * std / sqrt(n), NaN with fewer than 2 values. Paired
+differences are taken seed by seed over the seeds both methods have (the same seed gives every method
+the same partition, tier draws and client sampling), then summarised the same way. A verdict is
+`better` when the interval lies above 0, `worse` when below, `tie` when it holds 0, and `n/a` when
+there is no interval (fewer than 2 paired seeds), so one seed is never read as a tie.
+"""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -9,12 +20,89 @@ import pandas as pd
 from harness.errors import UserError
 from harness.results import load
 
+LAST = 10  # the headline accuracy: the mean of a run's last 10 evaluated rounds
+TIME_CLAIM_PCT = 68.8  # the FedLPS paper: "reduces running time by more than 68.80 %"
 
-def _load(root: Path, table: str) -> pd.DataFrame:
+# Evaluation views: (name tag, rounds column). The tag goes after the statistic's stem
+# (last10_acc_global_mean, delta_global_mean, verdict_global).
+VIEWS = (("", "acc_clients_mean"), ("_global", "acc_global_clients_mean"))
+# Test-set constructions: (suffix of the rounds column and of every statistic, name in the claims table).
+TESTS = (("", "mirrored"), ("_authors_tests", "authors"))
+
+
+def _load(root: str | Path, table: str) -> pd.DataFrame:
     try:
         return load(root, table)
     except FileNotFoundError:
         raise UserError(str(root), f"no finished experiment here (no {table}.parquet below it)") from None
+
+
+# -- statistics ----------------------------------------------------------------------------------
+
+def t975(df: int) -> float:
+    """The 97.5 % quantile of Student's t with `df` degrees of freedom (t975(2) = 4.302653)."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, df))
+
+
+def mean_ci(values) -> tuple[float, float, float, float, int]:
+    """(mean, std ddof=1, ci95 low, ci95 high, n) over the finite values."""
+    x = np.asarray(values, dtype=float)
+    x = x[np.isfinite(x)]
+    n = len(x)
+    if n == 0:
+        return math.nan, math.nan, math.nan, math.nan, 0
+    mean = float(x.mean())
+    if n < 2:
+        return mean, math.nan, math.nan, math.nan, n
+    std = float(x.std(ddof=1))
+    half = t975(n - 1) * std / math.sqrt(n)
+    return mean, std, mean - half, mean + half, n
+
+
+def verdict(low: float, high: float, lower_is_better: bool = False) -> str:
+    if not (np.isfinite(low) and np.isfinite(high)):
+        return "n/a"
+    if low > 0:
+        return "worse" if lower_is_better else "better"
+    if high < 0:
+        return "better" if lower_is_better else "worse"
+    return "tie"
+
+
+def paired(method: pd.Series, baseline: pd.Series) -> pd.DataFrame:
+    """Per seed (the index), the method's and the baseline's values, over the seeds both have (a
+    seed that appears twice is averaged first)."""
+    both = pd.concat([method.groupby(level=0).mean(), baseline.groupby(level=0).mean()], axis=1, join="inner")
+    both.columns = ["m", "b"]
+    return both.dropna()
+
+
+# -- per run -------------------------------------------------------------------------------------
+
+def view_columns() -> list[tuple[str, str, str]]:
+    """(tag, tests suffix, rounds column) of the four views, the headline one first."""
+    return [(tag, suffix, column + suffix) for suffix, _ in TESTS for tag, column in VIEWS]
+
+
+def _runs(root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The completed runs (one row each, with `last10<tag><suffix>` per view) and their rounds."""
+    summary = _load(root, "summary")
+    summary = summary[summary["status"] == "completed"].copy()
+    rounds = _load(root, "rounds")
+    rounds = rounds[rounds["experiment"].isin(summary["experiment"])].sort_values(["experiment", "round"])
+    tail = rounds.groupby("experiment").tail(LAST).groupby("experiment")
+    for tag, suffix, column in view_columns():
+        name = f"last10{tag}{suffix}"
+        if column in rounds:
+            means = tail[column].agg(lambda s: s.mean(skipna=False))
+            summary[name] = summary["experiment"].map(means).astype(float)
+        else:
+            summary[name] = math.nan
+    for col, fallback in (("method_title", "method_label"), ("setting_title", "setting")):
+        summary[col] = summary[col].fillna(summary[fallback]) if col in summary else summary[fallback]
+    return summary, rounds
 
 
 def time_to_target(rounds: pd.DataFrame, target: float) -> float:
@@ -23,51 +111,205 @@ def time_to_target(rounds: pd.DataFrame, target: float) -> float:
     return float(hit["sim_total_s"].iloc[0]) if len(hit) else float("nan")
 
 
-def build(root: str | Path, target_acc: float | None = None) -> pd.DataFrame:
+def resolve(runs: pd.DataFrame, label: str, flag: str, single: bool) -> list[str]:
+    """The method labels that `label` names: a method_label, a method_title or a method name (exact,
+    else ignoring case). With `single`, it must name exactly one."""
+    table = runs[["method_label", "method_title", "method"]].drop_duplicates()
+    for fold in (str, str.casefold):
+        for col in ("method_label", "method_title", "method"):
+            hit = sorted(table.loc[table[col].map(fold) == fold(label), "method_label"].unique())
+            if hit and (len(hit) == 1 or not single):
+                return hit
+            if hit:
+                raise UserError(flag, f"{label!r} names {len(hit)} methods ({', '.join(hit)}); give one of them")
+    available = ", ".join(f"{r.method_label} ({r.method_title})" if r.method_title != r.method_label else r.method_label
+                          for r in table.drop_duplicates("method_label").sort_values("method_label").itertuples())
+    raise UserError(flag, f"unknown method {label!r}; available: {available}")
+
+
+# -- the leaderboard -----------------------------------------------------------------------------
+
+def _summary_stats(runs: pd.DataFrame) -> dict:
+    row = {}
+    for tag, suffix, _ in view_columns():
+        mean, std, low, high, _ = mean_ci(runs[f"last10{tag}{suffix}"])
+        row.update({f"last10_acc{tag}_mean{suffix}": mean, f"last10_acc{tag}_std{suffix}": std,
+                    f"last10_acc{tag}_ci95_low{suffix}": low, f"last10_acc{tag}_ci95_high{suffix}": high})
+    for col in ("final_acc", "best_acc"):
+        mean, std, *_ = mean_ci(runs[col])
+        row.update({f"{col}_mean": mean, f"{col}_std": std})
+    return row
+
+
+def _delta_stats(runs: pd.DataFrame, base: pd.DataFrame) -> dict:
+    """Paired differences of `runs` against the baseline's runs `base` of the same setting."""
+    mine, theirs = runs.set_index("seed"), base.set_index("seed")
+    row = {"paired_seeds": len(set(mine.index) & set(theirs.index))}
+    for tag, suffix, _ in view_columns():
+        col = f"last10{tag}{suffix}"
+        pair = paired(mine[col], theirs[col])
+        mean, _, low, high, _ = mean_ci(pair["m"] - pair["b"])
+        rel, _, rel_low, rel_high, _ = mean_ci(100 * (pair["m"] / pair["b"] - 1))
+        row.update({f"delta{tag}_mean{suffix}": mean, f"delta{tag}_ci95_low{suffix}": low,
+                    f"delta{tag}_ci95_high{suffix}": high, f"verdict{tag}{suffix}": verdict(low, high),
+                    f"delta_rel_pct{tag}_mean{suffix}": rel, f"delta_rel_pct{tag}_ci95_low{suffix}": rel_low,
+                    f"delta_rel_pct{tag}_ci95_high{suffix}": rel_high})
+    pair = paired(mine["sim_total_s"], theirs["sim_total_s"])
+    mean, _, low, high, _ = mean_ci(100 * (pair["m"] / pair["b"] - 1))
+    row.update({"time_delta_pct_mean": mean, "time_delta_pct_ci95_low": low, "time_delta_pct_ci95_high": high,
+                "time_verdict": verdict(low, high, lower_is_better=True)})
+    return row
+
+
+def build(root: str | Path, target_acc: float | None = None, baseline: str | None = None) -> pd.DataFrame:
     """`target_acc` defaults, per setting, to the lowest best accuracy of any of its runs: the
-    highest accuracy that every run reaches, so time-to-accuracy compares them all."""
-    root = Path(root)
-    summary = _load(root, "summary")
-    summary = summary[summary["status"] == "completed"]
-    rounds = _load(root, "rounds")
-    rounds = rounds[rounds["experiment"].isin(summary["experiment"])].sort_values(["experiment", "round"])
+    highest accuracy that every run reaches, so time-to-accuracy compares them all. With `baseline`
+    (a method label, title or name), every row also gets its paired differences against it."""
+    summary, rounds = _runs(root)
+    base_label = resolve(summary, baseline, "--baseline", single=True)[0] if baseline is not None else None
     rows = []
     for setting, group in summary.groupby("setting", sort=True):
-        by_method = group.groupby("method_label")
         target = target_acc if target_acc is not None else float(group["best_acc"].min())
-        for label, runs in by_method:
+        base = group[group["method_label"] == base_label]  # empty where the setting lacks it: NaN, n/a
+        for label, runs in group.groupby("method_label"):
             ttt = [time_to_target(rounds[rounds["experiment"] == e], target) for e in runs["experiment"]]
             reached = [t for t in ttt if not np.isnan(t)]
-            rows.append({
-                "setting": setting, "dataset": runs["dataset"].iloc[0], "model": runs["model"].iloc[0],
-                "method": label, "seeds": len(runs),
-                "final_acc_mean": runs["final_acc"].mean(), "final_acc_std": runs["final_acc"].std(ddof=0),
-                "best_acc_mean": runs["best_acc"].mean(), "best_acc_std": runs["best_acc"].std(ddof=0),
+            row = {
+                "setting": setting, "setting_title": runs["setting_title"].iloc[0], "method": label,
+                "method_title": runs["method_title"].iloc[0], "dataset": runs["dataset"].iloc[0],
+                "model": runs["model"].iloc[0], "seeds": len(runs), **_summary_stats(runs),
                 "target_acc": target, "seeds_reaching_target": len(reached),
                 "time_to_target_s": float(np.mean(reached)) if len(reached) == len(ttt) else float("nan"),
                 "sim_total_s": runs["sim_total_s"].mean(), "tflops_total": runs["flops_total"].mean() / 1e12,
                 "mb_up": runs["bytes_up_total"].mean() / 1e6, "mb_down": runs["bytes_down_total"].mean() / 1e6,
                 "wall_s": runs["wall_total_s"].mean(),
-            })
-    board = pd.DataFrame(rows).sort_values(["setting", "final_acc_mean"], ascending=[True, False])
+            }
+            if base_label is not None:
+                row["baseline"] = base_label
+                row.update(_delta_stats(runs, base))
+                if label == base_label:
+                    row.update({k: "baseline" for k in row if "verdict" in k})
+            rows.append(row)
+    board = pd.DataFrame(rows).sort_values(["setting", "last10_acc_mean", "final_acc_mean"],
+                                           ascending=[True, False, False], na_position="last")
     board.insert(1, "rank", board.groupby("setting").cumcount() + 1)
     return board.reset_index(drop=True)
 
 
+def _pm(mean: float, low: float, high: float, scale: float = 100.0) -> str:
+    if not np.isfinite(mean):
+        return "-"
+    if not np.isfinite(low):
+        return f"{scale * mean:.2f}"
+    return f"{scale * mean:.2f} ± {scale * (high - low) / 2:.2f}"
+
+
+def _ci(mean: float, low: float, high: float, scale: float = 100.0) -> str:
+    def signed(v):
+        return f"{round(scale * v, 2) + 0.0:+.2f}"  # + 0.0: no "-0.00"
+
+    if not np.isfinite(mean):
+        return "-"
+    if not np.isfinite(low):
+        return signed(mean)
+    return f"{signed(mean)} [{signed(low)}, {signed(high)}]"
+
+
 def format_table(board: pd.DataFrame) -> str:
-    shown = pd.DataFrame({
-        "setting": board["setting"], "#": board["rank"], "method": board["method"], "seeds": board["seeds"],
-        "final acc %": [f"{100 * m:.2f} ± {100 * s:.2f}" for m, s in zip(board.final_acc_mean, board.final_acc_std)],
-        "best acc %": [f"{100 * m:.2f} ± {100 * s:.2f}" for m, s in zip(board.best_acc_mean, board.best_acc_std)],
-        "time to target s": [f"{t:.2f}" if not np.isnan(t) else f"not reached ({n}/{k})"
-                             for t, n, k in zip(board.time_to_target_s, board.seeds_reaching_target, board.seeds)],
-        "target %": (100 * board["target_acc"]).round(2),
-        "sim time s": board["sim_total_s"].round(2),
-        "TFLOPs": board["tflops_total"].round(3),
-        "MB up": board["mb_up"].round(1), "MB down": board["mb_down"].round(1),
-        "wall s": board["wall_s"].round(1),
-    })
-    return shown.to_string(index=False)
+    """The headline columns, one block per setting: last-10 accuracy with its 95 % half-width, the
+    paired difference and verdict against the baseline (if any), the simulated time and its change."""
+    blocks = []
+    for setting, b in board.groupby("setting", sort=False):
+        has_global = b["last10_acc_global_mean"].notna().any()
+        shown = {"#": b["rank"], "method": b["method_title"], "seeds": b["seeds"],
+                 "last-10 acc % (± 95% CI)": [_pm(*v) for v in zip(b.last10_acc_mean, b.last10_acc_ci95_low,
+                                                                   b.last10_acc_ci95_high)]}
+        if has_global:
+            shown["global last-10 %"] = [_pm(*v) for v in zip(b.last10_acc_global_mean, b.last10_acc_global_ci95_low,
+                                                            b.last10_acc_global_ci95_high)]
+        if "baseline" in b:
+            shown["Δ pts [95% CI]"] = [_ci(*v) for v in zip(b.delta_mean, b.delta_ci95_low, b.delta_ci95_high)]
+            shown["verdict"] = b["verdict"]
+            if has_global:
+                shown["Δ global pts"] = [_ci(*v) for v in zip(b.delta_global_mean, b.delta_global_ci95_low,
+                                                              b.delta_global_ci95_high)]
+                shown["verdict global"] = b["verdict_global"]
+        shown["sim time s"] = b["sim_total_s"].round(2)
+        if "baseline" in b:
+            shown["time Δ % [95% CI]"] = [_ci(*v, scale=1.0) for v in zip(
+                b.time_delta_pct_mean, b.time_delta_pct_ci95_low, b.time_delta_pct_ci95_high)]
+            shown["time verdict"] = b["time_verdict"]
+        shown["time to target s"] = [f"{t:.2f}" if not np.isnan(t) else f"not reached ({n}/{k})"
+                                     for t, n, k in zip(b.time_to_target_s, b.seeds_reaching_target, b.seeds)]
+        shown.update({"TFLOPs": b["tflops_total"].round(3), "MB up": b["mb_up"].round(1),
+                      "wall s": b["wall_s"].round(1)})
+        title = b["setting_title"].iloc[0]
+        head = f"{title} [{setting}]" if title != setting else setting
+        head += f"; target accuracy {100 * b['target_acc'].iloc[0]:.2f} %"
+        if "baseline" in b:
+            head += f"; baseline {b['baseline'].iloc[0]}"
+        blocks.append(head + "\n" + pd.DataFrame(shown).to_string(index=False))
+    return "\n\n".join(blocks)
+
+
+# -- the claims table ----------------------------------------------------------------------------
+
+def claims(root: str | Path, label: str) -> pd.DataFrame:
+    """The paper's claims checked for the methods `label` names against every other method: one row
+    per (setting, method, other method, evaluation view, test sets) with the paired accuracy gain in
+    points and in percent, its verdict, the running-time reduction in percent and whether "more than
+    68.80 % less running time" holds."""
+    summary, _ = _runs(root)
+    mine = resolve(summary, label, "--claims", single=False)
+    rows = []
+    for setting, group in summary.groupby("setting", sort=True):
+        by = {m: g.set_index("seed") for m, g in group.groupby("method_label")}
+        for m in [x for x in mine if x in by]:
+            for other in sorted(set(by) - set(mine)):
+                time = paired(by[m]["sim_total_s"], by[other]["sim_total_s"])
+                t_mean, _, t_low, t_high, _ = mean_ci(100 * (1 - time["m"] / time["b"]))
+                time_claim = ("n/a" if not np.isfinite(t_low) else "holds" if t_low > TIME_CLAIM_PCT
+                              else "fails" if t_high < TIME_CLAIM_PCT else "uncertain")
+                for suffix, tests in TESTS:
+                    for tag, _ in VIEWS:
+                        col = f"last10{tag}{suffix}"
+                        pair = paired(by[m][col], by[other][col])
+                        if not len(pair):
+                            continue  # the view was not recorded
+                        g_mean, _, g_low, g_high, n = mean_ci(100 * (pair["m"] - pair["b"]))
+                        r_mean, _, r_low, r_high, _ = mean_ci(100 * (pair["m"] / pair["b"] - 1))
+                        rows.append({
+                            "setting": setting, "setting_title": group["setting_title"].iloc[0],
+                            "method": by[m]["method_title"].iloc[0], "other": by[other]["method_title"].iloc[0],
+                            "view": "global" if tag else "clients", "test_sets": tests, "seeds": n,
+                            "gain_pts_mean": g_mean, "gain_pts_ci95_low": g_low, "gain_pts_ci95_high": g_high,
+                            "gain_rel_pct_mean": r_mean, "gain_rel_pct_ci95_low": r_low,
+                            "gain_rel_pct_ci95_high": r_high, "accuracy_verdict": verdict(g_low, g_high),
+                            "time_reduction_pct_mean": t_mean, "time_reduction_pct_ci95_low": t_low,
+                            "time_reduction_pct_ci95_high": t_high, "time_claim": time_claim,
+                        })
+    if not rows:
+        raise UserError("--claims", f"{label!r} has no other method to be compared with in {root}")
+    return pd.DataFrame(rows)
+
+
+def format_claims(table: pd.DataFrame) -> str:
+    blocks = []
+    for _, t in table.groupby("setting", sort=False):
+        shown = pd.DataFrame({
+            "method": t["method"], "vs": t["other"], "view": t["view"], "test sets": t["test_sets"],
+            "seeds": t["seeds"],
+            "gain pts [95% CI]": [_ci(*v, scale=1.0) for v in zip(t.gain_pts_mean, t.gain_pts_ci95_low,
+                                                                  t.gain_pts_ci95_high)],
+            "gain % [95% CI]": [_ci(*v, scale=1.0) for v in zip(t.gain_rel_pct_mean, t.gain_rel_pct_ci95_low,
+                                                                t.gain_rel_pct_ci95_high)],
+            "accuracy": t["accuracy_verdict"],
+            "time reduction % [95% CI]": [_ci(*v, scale=1.0) for v in zip(
+                t.time_reduction_pct_mean, t.time_reduction_pct_ci95_low, t.time_reduction_pct_ci95_high)],
+            f"> {TIME_CLAIM_PCT:g} % less time": t["time_claim"],
+        })
+        blocks.append(f"claims: {t['setting_title'].iloc[0]}\n" + shown.to_string(index=False))
+    return "\n\n".join(blocks)
 
 
 def write(board: pd.DataFrame, path: str | Path) -> Path:

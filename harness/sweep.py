@@ -6,10 +6,12 @@ round is reported to Tune; every `checkpoint_every` rounds the report carries a 
 federated state, from which an interrupted trial continues. Tune's own state lives in
 `<out>/_tune/<sweep name>`; each experiment writes its Parquet files to `<out>/<experiment>/` as
 `fedbench run` does. Running the same sweep again on the same output folder resumes it: finished
-trials are kept, unfinished ones continue from their last checkpoint.
+trials are kept, unfinished ones continue from their last checkpoint, and grid points it has not
+run yet (a seed added with `--set 'seed=[...]'`) run.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -118,24 +120,34 @@ def run_sweep(experiments: list[ExperimentConfig], sweep: SweepFile, out: Path, 
     experiment_dir = storage / name
     if resume is None:
         resume = tune.Tuner.can_restore(str(experiment_dir))
+    if resume and not tune.Tuner.can_restore(str(experiment_dir)):
+        raise UserError("--resume", f"nothing to resume in {experiment_dir}")
+    grid, names = [], list(trials)
     if resume:
-        if not tune.Tuner.can_restore(str(experiment_dir)):
-            raise UserError("--resume", f"nothing to resume in {experiment_dir}")
         log.warning("resuming sweep %s from %s", name, experiment_dir)
         tuner = tune.Tuner.restore(str(experiment_dir), trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
-    else:
-        tuner = tune.Tuner(
+        known = {r.config["experiment"] for r in tuner.get_results()}
+        grid += list(tuner.fit())
+        # Tune cannot add trials to a restored sweep: grid points it has not seen (a new seed) and
+        # that are not finished run as a Tune experiment of their own, named after them, which the
+        # same command resumes in turn
+        names = [n for n in trials if n not in known and not (out / n / "summary.parquet").exists()]
+        name = f"{name}-{hashlib.sha1(' '.join(names).encode()).hexdigest()[:8]}"
+    if names and resume and tune.Tuner.can_restore(str(storage / name)):
+        grid += list(tune.Tuner.restore(str(storage / name), trainable=trainable, resume_unfinished=True,
+                                        resume_errored=True).fit())
+    elif names:
+        grid += list(tune.Tuner(
             trainable,
-            param_space={"experiment": tune.grid_search(list(trials))},
+            param_space={"experiment": tune.grid_search(names)},
             tune_config=tune.TuneConfig(max_concurrent_trials=t.max_concurrent_trials,
                                         trial_name_creator=lambda trial: trial.config["experiment"],
                                         trial_dirname_creator=lambda trial: trial.config["experiment"]),
             run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=t.verbose,
                                       failure_config=tune.FailureConfig(max_failures=t.max_failures),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
-        )
-    grid = tuner.fit()
+        ).fit())
     failed = [r for r in grid if r.error is not None]
     for r in failed:
         log.error("trial %s failed: %s", r.config["experiment"], r.error)

@@ -87,6 +87,6 @@ def test_a_sweep_submitted_as_a_job_to_a_real_head(ray_head, tmp_path):
         env=dict(env, RAY_AUTH_MODE="token"), capture_output=True, text=True, timeout=300)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert "succeeded" in job.stdout + job.stderr
-    rounds = pd.read_parquet(out / "job" / "rounds.parquet")
+    rounds = pd.read_parquet(out / "job_seed1" / "rounds.parquet")
     assert rounds["round"].tolist() == [0, 1] and rounds["acc_clients_mean"].between(0, 1).all()
     assert (out / "leaderboard.csv").exists()

@@ -113,6 +113,47 @@ def test_grid_expands_and_set_on_an_axis_replaces_it():
     assert len({e.name for e in exps}) == 4
     exps, _ = expand(raw, [("seed", 7)])
     assert [(e.seed, e.train.lr) for e in exps] == [(7, 0.1), (7, 0.05)]
+    assert [e.name for e in exps] == ["g_0.1_seed7", "g_0.05_seed7"]
+
+
+def test_a_seed_list_replaces_the_seed_axis_and_names_carry_the_seed():
+    from harness.config import load
+
+    exps, _ = load("sweeps/paper_mnist.yaml", ["seed=[4,5,6]"])
+    assert sorted({e.seed for e in exps}) == [4, 5, 6] and len(exps) == 6 * 3
+    assert [e.name for e in exps[:4]] == ["mnist_fedavg_seed4", "mnist_fedavg_seed5", "mnist_fedavg_seed6",
+                                          "mnist_heterofl_seed4"]
+    assert len({e.name for e in exps}) == len(exps)
+    # the names of one seed do not depend on which other seeds run with it: seed 1 alone or among 1-3
+    alone, _ = load("sweeps/paper_mnist.yaml", ["seed=1"])
+    among, _ = load("sweeps/paper_mnist.yaml")
+    assert [e.name for e in alone] == [e.name for e in among if e.seed == 1]
+    # a config without a seed axis: the list makes one; a single experiment is named with its seed
+    exps, _ = expand({"name": "one", "method": {"name": "fedavg"}}, [("seed", [2, 3])])
+    assert [(e.name, e.seed) for e in exps] == [("one_seed2", 2), ("one_seed3", 3)]
+    assert expand({"name": "one"})[0][0].name == "one_seed1"
+    assert expand({"name": "one_seed1", "seed": 4})[0][0].name == "one_seed4"  # a result's config.yaml, reseeded
+
+
+def test_a_list_for_a_field_holding_a_list_stays_one_value():
+    tiers = [{"name": "a", "cap": 1, "compute_mflops": 1}]
+    raw = {"name": "g", "grid": {"method": [{"name": "fedavg"}, {"name": "prunefl"}]}}
+    exps, _ = expand(raw, [("method.name", "prunefl"), ("method.dense_layers", ["fc2.weight"]),
+                           ("devices.tiers", tiers)])
+    assert [(e.method.params(), len(e.devices.tiers)) for e in exps] == [({"dense_layers": ["fc2.weight"]}, 1)]
+    exps, _ = expand({"name": "g"}, [("method.name", "tests.faulty:FailingFedAvg"), ("method.fail_clients", [1, 3])])
+    assert [e.method.params() for e in exps] == [{"fail_clients": [1, 3]}]  # a strategy given by import path
+    exps, _ = expand(raw, [("method.name", ["fedavg", "prunefl", "fedlps"])])  # keeps the entries named
+    assert [e.method.name for e in exps] == ["fedavg", "prunefl"]
+
+
+@pytest.mark.parametrize("value, message", [("[]", "seed: an empty list"), ("[1, 1]", "seed: the list [1, 1] repeats"),
+                                            ("[1, x]", "seed: Input should be a valid integer")])
+def test_bad_seed_lists_are_one_line(tmp_path, capsys, value, message):
+    code, out = run_cli(tmp_path, GOOD, "--set", f"seed={value}")
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert not out.exists()
 
 
 def test_set_inside_a_dict_axis_keeps_the_matching_entries():
@@ -133,7 +174,7 @@ def test_set_selects_grid_entries_before_setting_their_parameters():
     exps, _ = expand(raw, [("method.name", "fedlps")])
     assert [e.method.params()["variant"] for e in exps] == ["paper", "reference"]
     exps, _ = expand(raw, [("method.name", "fedlps"), ("method.variant", "reference")])
-    assert [e.name for e in exps] == ["g"]
+    assert [e.name for e in exps] == ["g_seed1"]
 
 
 @pytest.mark.parametrize("path", sorted(__import__("pathlib").Path("sweeps").glob("*.yaml")), ids=lambda p: p.name)

@@ -166,6 +166,6 @@ def test_run_reconfigures_every_interval_and_resumes_exactly(config):
     for n, g in saved["importance"].items():
         assert g.sum() > 0 and torch.equal(resumed.strategy.importance[n], g)
     resumed.run()
-    a = pd.read_parquet(f"{cut.out}/cut/rounds.parquet").drop(columns=["experiment", "wall_s", "wall_total_s"])
+    a = pd.read_parquet(f"{cut.out}/{cut.name}/rounds.parquet").drop(columns=["experiment", "wall_s", "wall_total_s"])
     pd.testing.assert_frame_equal(a, rounds.drop(columns=["experiment", "wall_s", "wall_total_s"]))
     assert torch.equal(resumed.strategy.masks["fc1.weight"], experiment.strategy.masks["fc1.weight"])

@@ -49,7 +49,7 @@ def test_cli_quickstart_contract(tmp_path, capsys):
                  "--set", "engine.backend=serial", "--set", "clients.per_round=3", "--out", str(out), "--quiet"])
     assert code == 0
     folders = sorted(p.name for p in out.iterdir() if p.is_dir())
-    assert folders == ["quickstart_1", "quickstart_2"]  # the method axis reduced to FedAvg; two seeds
+    assert folders == ["quickstart_seed1", "quickstart_seed2"]  # the method axis reduced to FedAvg; two seeds
     for folder in folders:
         for name in ("rounds.parquet", "clients.parquet", "summary.parquet", "config.yaml"):
             assert (out / folder / name).exists()
@@ -78,11 +78,11 @@ def test_restored_experiment_ends_with_the_uninterrupted_numbers(config, tmp_pat
     resumed = Experiment(first)
     resumed.restore(checkpoints[0])
     resumed.run()
-    a = pd.read_parquet(f"{whole.out}/whole/rounds.parquet").drop(columns=WALL + ["experiment"])
-    b = pd.read_parquet(f"{first.out}/cut/rounds.parquet").drop(columns=WALL + ["experiment"])
+    a = pd.read_parquet(f"{whole.out}/{whole.name}/rounds.parquet").drop(columns=WALL + ["experiment"])
+    b = pd.read_parquet(f"{first.out}/{first.name}/rounds.parquet").drop(columns=WALL + ["experiment"])
     pd.testing.assert_frame_equal(a, b)
-    ca = pd.read_parquet(f"{whole.out}/whole/clients.parquet").drop(columns=["experiment"])
-    cb = pd.read_parquet(f"{first.out}/cut/clients.parquet").drop(columns=["experiment"])
+    ca = pd.read_parquet(f"{whole.out}/{whole.name}/clients.parquet").drop(columns=["experiment"])
+    cb = pd.read_parquet(f"{first.out}/{first.name}/clients.parquet").drop(columns=["experiment"])
     pd.testing.assert_frame_equal(ca, cb)
 
 
@@ -94,8 +94,8 @@ def test_disk_state_store_gives_the_memory_store_numbers(config, tmp_path):
     r_mem, c_mem = run(memory)
     r_disk, c_disk = run(disk)
     pd.testing.assert_frame_equal(r_mem.drop(columns=WALL + ["experiment"]), r_disk.drop(columns=WALL + ["experiment"]))
-    assert (tmp_path / "disk" / "client_state.sqlite").exists()
-    store = DiskStore(tmp_path / "disk" / "client_state.sqlite")
+    assert (tmp_path / disk.name / "client_state.sqlite").exists()
+    store = DiskStore(tmp_path / disk.name / "client_state.sqlite")
     rows = store.export()
     assert {ns for ns, _, _ in rows} == {"client", "bandit"} and len(rows) > 5
     copy = MemoryStore()

@@ -40,6 +40,15 @@ def test_a_trial_that_dies_continues_from_its_checkpoint_with_the_same_numbers(r
                                       again.drop(columns=WALL + ["method_label"]))
     board = leaderboard.build(tmp_path / "sweep")
     assert board["seeds"].tolist() == [2]
+    # a new seed added to the same folder runs; the finished seeds are kept as they are
+    finished = {cfg.name: (tmp_path / "sweep" / cfg.name / "summary.parquet").stat().st_mtime_ns for cfg in experiments}
+    more, sweep = expand(sweep_raw(tmp_path), [("seed", [1, 2, 3])])
+    assert [cfg.name for cfg in more] == [*finished, "sw_seed3"]
+    run_sweep(more, sweep, tmp_path / "sweep", "sw")
+    assert pd.read_parquet(tmp_path / "sweep" / "sw_seed3" / "rounds.parquet")["round"].tolist() == [0, 1, 2, 3]
+    assert {n: (tmp_path / "sweep" / n / "summary.parquet").stat().st_mtime_ns for n in finished} == finished
+    run_sweep(more, sweep, tmp_path / "sweep", "sw")  # all finished: nothing runs again
+    assert leaderboard.build(tmp_path / "sweep")["seeds"].tolist() == [3]
 
 
 def test_a_sweep_too_large_for_the_cluster_fails_at_once(ray_session, tmp_path):
@@ -68,7 +77,11 @@ def test_leaderboard_by_hand(tmp_path):
     board = leaderboard.build(tmp_path)
     assert board["method"].tolist() == ["a", "b"]  # best first
     a, b = board.iloc[0], board.iloc[1]
-    assert (a["seeds"], a["final_acc_mean"], a["final_acc_std"]) == (2, pytest.approx(0.85), pytest.approx(0.05))
+    assert (a["seeds"], a["final_acc_mean"], a["final_acc_std"]) == (2, pytest.approx(0.85), pytest.approx(0.05 * 2 ** 0.5))
+    # fewer than 10 rounds: last10 is the mean of all 3; seed 1: 2/3, seed 2: 0.7
+    assert a["last10_acc_mean"] == pytest.approx((2 / 3 + 0.7) / 2)
+    assert a["last10_acc_ci95_high"] == pytest.approx((2 / 3 + 0.7) / 2 + 12.706205 * (0.7 - 2 / 3) / 2, rel=1e-6)
+    assert pd.isna(a["last10_acc_global_mean"])  # runs without acc_global_clients_mean
     assert (b["best_acc_mean"], b["best_acc_std"]) == (pytest.approx(0.6), pytest.approx(0.0))
     # default target: the lowest best accuracy of any run (0.6): a reaches it at 20 s (seed 1) and 10 s (seed 2)
     assert a["target_acc"] == pytest.approx(0.6) and a["time_to_target_s"] == pytest.approx(15.0)

@@ -1,0 +1,249 @@
+"""The leaderboard's statistics, paired differences and claims table on made-up runs whose numbers
+are worked out by hand (3 seeds: t(0.975, 2) = 4.302653), and the plots' titles and legends."""
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from harness import leaderboard
+from harness.cli import main
+
+T2 = 4.302653  # Student t, 97.5 % quantile, 2 degrees of freedom
+SEEDS = (1, 2, 3)
+BASE = np.array([0.80, 0.82, 0.84])  # the baseline's last-10 accuracy per seed
+# method label -> (title, last-10 accuracy per seed, simulated time per seed, global-view accuracy per seed)
+METHODS = {
+    "base": ("Base (reference)", BASE, [100.0, 110.0, 120.0], BASE - 0.1),
+    "up": ("Up (paper)", BASE + [0.05, 0.06, 0.07], [25.0, 22.0, 30.0], BASE - 0.1 - [0.04, 0.05, 0.06]),
+    "down": ("Down", BASE - [0.10, 0.12, 0.14], [150.0, 165.0, 180.0], BASE - 0.1 - [0.10, 0.12, 0.14]),
+    "same": ("Same", BASE + [0.02, -0.03, 0.01], [100.0, 121.0, 108.0], BASE - 0.1 + [0.02, -0.03, 0.01]),
+}
+WIGGLE = np.array([-0.01, 0.01] * 5)  # the last 10 rounds wiggle around the level; their mean is the level
+SETTING_TITLE = "MNIST, 2 shards of 100 per client, 100 clients (10 per round)"
+
+
+def write_runs(root, methods=METHODS, seeds=SEEDS, new_columns=True, setting="s"):
+    """12 evaluated rounds per run: two early rounds at 0.1 (outside the last 10), then level + WIGGLE."""
+    for label, (title, level, sim, glob) in methods.items():
+        for i, seed in enumerate(seeds):
+            exp = f"{setting}_{label}_seed{seed}"
+            ident = dict(experiment=exp, setting=setting, method=label, method_label=label, dataset="mnist",
+                         model="cnn", seed=seed)
+            if new_columns:
+                ident.update(method_title=title, setting_title=SETTING_TITLE)
+            acc = np.r_[0.1, 0.1, level[i] + WIGGLE]
+            views = {"acc_clients_mean": acc}
+            if new_columns:
+                views.update(acc_global_clients_mean=np.r_[0.1, 0.1, glob[i] + WIGGLE],
+                             acc_clients_mean_authors_tests=acc - 0.05,
+                             acc_global_clients_mean_authors_tests=np.r_[0.1, 0.1, glob[i] + WIGGLE] - 0.05)
+            rounds = pd.DataFrame({**ident, "round": range(12), **views,
+                                   "sim_total_s": np.linspace(sim[i] / 12, sim[i], 12)})
+            (root / exp).mkdir(parents=True)
+            rounds.to_parquet(root / exp / "rounds.parquet")
+            pd.DataFrame([dict(ident, rounds=12, status="completed", final_acc=acc[-1], best_acc=acc.max(),
+                               sim_total_s=sim[i], flops_total=1e12, bytes_up_total=10**6, bytes_down_total=10**6,
+                               wall_total_s=3.0)]).to_parquet(root / exp / "summary.parquet")
+
+
+def ci(values):
+    """Mean and 95 % t-interval of 3 values, by hand."""
+    x = np.asarray(values, float)
+    mean = x.sum() / 3
+    std = math.sqrt(((x - mean) ** 2).sum() / 2)
+    return mean, std, mean - T2 * std / math.sqrt(3), mean + T2 * std / math.sqrt(3)
+
+
+@pytest.fixture
+def runs(tmp_path):
+    write_runs(tmp_path)
+    return tmp_path
+
+
+def row(board, label):
+    return board.set_index("method").loc[label]
+
+
+def test_last10_statistics_over_seeds(runs):
+    board = leaderboard.build(runs)
+    assert board["method"].tolist()[::3] == ["up", "down"]  # by last-10 accuracy (same and base tie at 0.82)
+    base = row(board, "base")
+    assert base["last10_acc_mean"] == pytest.approx(0.82)
+    assert base["last10_acc_std"] == pytest.approx(0.02)  # ddof=1
+    half = T2 * 0.02 / math.sqrt(3)  # 0.049682
+    assert (base["last10_acc_ci95_low"], base["last10_acc_ci95_high"]) == (
+        pytest.approx(0.82 - half, rel=1e-6), pytest.approx(0.82 + half, rel=1e-6))
+    assert base["final_acc_mean"] == pytest.approx(0.83) and base["final_acc_std"] == pytest.approx(0.02)
+    assert base["best_acc_std"] == pytest.approx(0.02)
+    assert base["last10_acc_global_mean"] == pytest.approx(0.72)
+    assert base["last10_acc_mean_authors_tests"] == pytest.approx(0.77)
+    assert base["last10_acc_global_ci95_high_authors_tests"] == pytest.approx(0.67 + half, rel=1e-6)
+    assert "baseline" not in board and "delta_mean" not in board
+
+
+def test_paired_differences_against_a_baseline(runs):
+    board = leaderboard.build(runs, baseline="base")
+    up, down, same, base = (row(board, m) for m in ("up", "down", "same", "base"))
+    assert (up["baseline"], up["paired_seeds"]) == ("base", 3)
+    # up: +0.05, +0.06, +0.07 -> mean 0.06, std 0.01
+    mean, _, low, high = ci([0.05, 0.06, 0.07])
+    assert (up["delta_mean"], up["delta_ci95_low"], up["delta_ci95_high"]) == (
+        pytest.approx(0.06), pytest.approx(0.06 - T2 * 0.01 / math.sqrt(3), rel=1e-6), pytest.approx(high, rel=1e-6))
+    assert low == pytest.approx(0.035159, abs=1e-6) and up["verdict"] == "better"
+    rel = ci(100 * (METHODS["up"][1] / BASE - 1))  # 6.25 %, 7.3171 %, 8.3333 %
+    assert (up["delta_rel_pct_mean"], up["delta_rel_pct_ci95_low"], up["delta_rel_pct_ci95_high"]) == (
+        pytest.approx(rel[0]), pytest.approx(rel[2], rel=1e-6), pytest.approx(rel[3], rel=1e-6))
+    # down: -0.10, -0.12, -0.14; same: +0.02, -0.03, +0.01 (std sqrt(0.0007))
+    assert down["delta_mean"] == pytest.approx(-0.12) and down["verdict"] == "worse"
+    assert down["delta_ci95_high"] == pytest.approx(-0.12 + T2 * 0.02 / math.sqrt(3), rel=1e-6)
+    half = T2 * math.sqrt(0.0007) / math.sqrt(3)  # 0.065726
+    assert (same["delta_ci95_low"], same["delta_ci95_high"]) == (pytest.approx(-half, rel=1e-6),
+                                                                 pytest.approx(half, rel=1e-6))
+    assert same["delta_mean"] == pytest.approx(0.0, abs=1e-12) and same["verdict"] == "tie"
+    # the global view: up is worse there (-0.04, -0.05, -0.06)
+    assert up["delta_global_mean"] == pytest.approx(-0.05) and up["verdict_global"] == "worse"
+    assert up["delta_global_ci95_high"] == pytest.approx(-0.05 + T2 * 0.01 / math.sqrt(3), rel=1e-6)
+    assert up["delta_global_mean_authors_tests"] == pytest.approx(-0.05) and up["verdict_authors_tests"] == "better"
+    assert up["verdict_global_authors_tests"] == "worse"
+    # time: up -75, -80, -75 %; down +50 % every seed (a zero-width interval); same 0, +10, -10 %
+    t = ci([-75.0, -80.0, -75.0])
+    assert (up["time_delta_pct_mean"], up["time_delta_pct_ci95_low"], up["time_delta_pct_ci95_high"]) == (
+        pytest.approx(t[0]), pytest.approx(t[2], rel=1e-6), pytest.approx(t[3], rel=1e-6))
+    assert t[3] == pytest.approx(-69.4956, abs=1e-4) and up["time_verdict"] == "better"
+    assert (down["time_delta_pct_ci95_low"], down["time_verdict"]) == (pytest.approx(50.0), "worse")
+    assert (same["time_delta_pct_mean"], same["time_verdict"]) == (pytest.approx(0.0, abs=1e-9), "tie")
+    assert base["verdict"] == "baseline" and base["delta_mean"] == 0.0
+    # the CSV holds every column; the printed table the headline ones
+    csv = pd.read_csv(leaderboard.write(board, runs / "lb.csv"))
+    assert {"delta_rel_pct_global_ci95_high_authors_tests", "time_verdict", "last10_acc_std"} <= set(csv.columns)
+    text = leaderboard.format_table(board)
+    assert "Up (paper)" in text and "better" in text and "Δ pts [95% CI]" in text and SETTING_TITLE in text
+    assert "+6.00 [+3.52, +8.48]" in text and "88.00 ± 7.45" in text and "-0.00" not in text
+
+
+def test_the_baseline_by_title_or_unknown(runs, capsys):
+    assert leaderboard.build(runs, baseline="Base (reference)")["baseline"].unique().tolist() == ["base"]
+    assert main(["leaderboard", str(runs), "--baseline", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fedbench: error: --baseline: unknown method 'nope'")
+    assert "base (Base (reference))" in err and "up (Up (paper))" in err
+
+
+def test_one_seed_has_no_interval_and_no_verdict(tmp_path):
+    write_runs(tmp_path, seeds=(1,))
+    board = leaderboard.build(tmp_path, baseline="base")
+    up = row(board, "up")
+    assert up["last10_acc_mean"] == pytest.approx(0.85) and np.isnan(up["last10_acc_std"])
+    assert np.isnan(up["last10_acc_ci95_low"]) and up["delta_mean"] == pytest.approx(0.05)
+    assert np.isnan(up["delta_ci95_low"]) and up["verdict"] == "n/a" and up["time_verdict"] == "n/a"
+
+
+def test_only_seeds_both_methods_have_are_paired(tmp_path):
+    write_runs(tmp_path, {"base": METHODS["base"]}, seeds=(1, 2))  # the baseline lacks seed 3
+    write_runs(tmp_path, {"up": METHODS["up"]})
+    write_runs(tmp_path, {"up": METHODS["up"]}, setting="t")  # a setting without the baseline
+    board = leaderboard.build(tmp_path, baseline="base")
+    up = board[board["setting"] == "s"].set_index("method").loc["up"]
+    assert up["paired_seeds"] == 2 and up["delta_mean"] == pytest.approx(0.055)
+    # two differences 0.05, 0.06: std 0.0070711, t(0.975, 1) = 12.706205
+    assert up["delta_ci95_high"] == pytest.approx(0.055 + 12.706205 * 0.005, rel=1e-6)
+    alone = board[board["setting"] == "t"].iloc[0]
+    assert alone["paired_seeds"] == 0 and np.isnan(alone["delta_mean"]) and alone["verdict"] == "n/a"
+
+
+def test_a_method_name_covers_its_variants():
+    runs = pd.DataFrame({"method_label": ["fedlps-variant-paper", "fedlps-variant-reference", "fedavg"],
+                         "method_title": ["FedLPS (paper)", "FedLPS (reference)", "FedAvg"],
+                         "method": ["fedlps", "fedlps", "fedavg"]})
+    assert leaderboard.resolve(runs, "FedLPS", "--claims", single=False) == [
+        "fedlps-variant-paper", "fedlps-variant-reference"]
+    assert leaderboard.resolve(runs, "fedlps (paper)", "--baseline", single=True) == ["fedlps-variant-paper"]
+    assert leaderboard.resolve(runs, "fedavg", "--baseline", single=True) == ["fedavg"]
+    with pytest.raises(leaderboard.UserError, match="--baseline: 'fedlps' names 2 methods"):
+        leaderboard.resolve(runs, "fedlps", "--baseline", single=True)
+
+
+def test_runs_without_the_new_columns(tmp_path):
+    write_runs(tmp_path, new_columns=False)
+    board = leaderboard.build(tmp_path, baseline="base")
+    up = row(board, "up")
+    assert up["delta_mean"] == pytest.approx(0.06) and up["method_title"] == "up"
+    assert np.isnan(up["last10_acc_global_mean"]) and up["verdict_global"] == "n/a"
+    assert "global last-10 %" not in leaderboard.format_table(board)
+    table = leaderboard.claims(tmp_path, "up")
+    assert set(table["view"]) == {"clients"} and set(table["test_sets"]) == {"mirrored"}
+
+
+def test_claims_table(runs, capsys):
+    assert main(["leaderboard", str(runs), "--claims", "Up (paper)"]) == 0
+    printed = capsys.readouterr().out
+    table = pd.read_csv(runs / "claims.csv")
+    assert len(table) == 3 * 2 * 2  # 3 other methods x 2 views x 2 test-set constructions
+    assert set(table["method"]) == {"Up (paper)"} and set(table["other"]) == {"Base (reference)", "Down", "Same"}
+    vs = table.set_index(["other", "view", "test_sets"])
+    base = vs.loc[("Base (reference)", "clients", "mirrored")]
+    gain = ci([5.0, 6.0, 7.0])  # points
+    assert (base["gain_pts_mean"], base["gain_pts_ci95_low"], base["gain_pts_ci95_high"]) == (
+        pytest.approx(6.0), pytest.approx(gain[2], rel=1e-5), pytest.approx(gain[3], rel=1e-5))
+    rel = ci(100 * (METHODS["up"][1] / BASE - 1))
+    assert base["gain_rel_pct_mean"] == pytest.approx(rel[0], rel=1e-5) and base["accuracy_verdict"] == "better"
+    assert vs.loc[("Base (reference)", "global", "authors"), "accuracy_verdict"] == "worse"
+    assert vs.loc[("Same", "clients", "mirrored"), "accuracy_verdict"] == "tie"  # +3, +9, +6 points
+    # time reduction 100 (1 - T_up / T_other): vs base 75, 80, 75 -> [69.50, 83.84], above 68.8: holds
+    t = ci([75.0, 80.0, 75.0])
+    assert (base["time_reduction_pct_mean"], base["time_reduction_pct_ci95_low"]) == (
+        pytest.approx(t[0], rel=1e-5), pytest.approx(t[2], rel=1e-5))
+    assert base["time_claim"] == "holds"
+    same = vs.loc[("Same", "clients", "mirrored")]  # 75, 81.82, 72.22 -> [64.1, 88.6]: uncertain
+    assert same["time_reduction_pct_ci95_low"] < 68.8 < same["time_reduction_pct_ci95_high"]
+    assert same["time_claim"] == "uncertain"
+    assert "claims: " + SETTING_TITLE in printed and "holds" in printed
+    fails = leaderboard.claims(runs, "same").set_index(["other", "view", "test_sets"])
+    assert fails.loc[("Base (reference)", "clients", "mirrored"), "time_claim"] == "fails"  # 0, -10, +10 %
+
+
+def test_plots_read_as_a_papers_figures(runs):
+    import matplotlib.pyplot as plt
+
+    from harness.plots import _band, figures, plot
+
+    seen = {}
+    for name, fig in figures(runs):
+        seen[name] = (fig._suptitle.get_text(), [ax for ax in fig.axes])
+        if name != "s_running_time.png":
+            left, right = fig.axes
+            assert [t.get_text() for t in left.get_legend().get_texts()] == [
+                "Base (reference)", "Down", "Same", "Up (paper)"]
+            assert right.get_title() == "the global model, on each client's test set"
+            assert len(left.collections) == 4  # a band per method
+        else:
+            assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["Base (reference)", "Down", "Same",
+                                                                            "Up (paper)"]
+        plt.close(fig)
+    assert set(seen) == {"s_acc_vs_time.png", "s_acc_vs_round.png", "s_running_time.png"}
+    title = seen["s_acc_vs_round.png"][0]
+    assert title.startswith(SETTING_TITLE + ", CNN\nmean of 3 seeds; band: 95 % confidence interval of the mean")
+    assert seen["s_running_time.png"][0].startswith(f"Running time, {SETTING_TITLE}, CNN")
+    files = plot(runs)
+    assert sorted(f.name for f in files) == sorted(seen) and all(f.stat().st_size > 10_000 for f in files)
+    # the band is the 95 % t-interval of the mean over seeds, not their range
+    x = np.arange(3.0)
+    grid, mean, low, high = _band([(x, np.full(3, v)) for v in (80.0, 82.0, 84.0)])
+    assert mean == pytest.approx(np.full(len(grid), 82.0))
+    assert high - mean == pytest.approx(np.full(len(grid), T2 * 2.0 / math.sqrt(3)), rel=1e-6)
+    assert _band([(x, np.ones(3))])[2] is None
+
+
+def test_plots_without_titles_or_the_global_view(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from harness.plots import figures
+
+    write_runs(tmp_path, seeds=(1,), new_columns=False)
+    for name, fig in figures(tmp_path):
+        if name == "s_acc_vs_time.png":
+            assert len(fig.axes) == 1 and fig._suptitle.get_text() == "s, CNN"
+            assert fig.axes[0].get_title() == "one seed" and not fig.axes[0].collections
+            assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["base", "down", "same", "up"]
+        plt.close(fig)
