@@ -60,10 +60,39 @@ Where this differs from the official code (jiangyuang/PruneFL), following METHOD
 - The official drop step cuts at a magnitude threshold (ties at the threshold kept); here exactly
   floor(d x n_in_use) weights go, ties broken by index.
 - Time coefficients come from the cost model above rather than from on-device measurements.
+
+Variant `reference` (`method.variant: reference`): the FedLPS authors' port (sunnyxuejj/FedLPS at
+35fafba2171fac0b0de374ffcd2a85eb40bc975e, `PruneFL.py` and `Models.py`), whose numbers the FedLPS
+paper reports. No importance accumulation, no time model, no greedy rule:
+- start (`Models.py:CommenNet.layer_prune`, `PruneFL.py:__main__`): every prunable layer is pruned
+  by magnitude to density 1/2 (the floor(n/2) largest |w| stay, the others are set to 0); then one
+  randomly chosen client (the code's choice is unseeded; here drawn from the seed) trains the global
+  model for the experiment's local epochs on all its training data, at lr x 0.998^i in iteration i,
+  and the mask is rebuilt from its last minibatch's gradients (`percentile_mask`, p = 0.3); the
+  global model becomes the client's; this repeats up to 10 times and stops once the last 5 rebuilds
+  each flipped fewer than 10 % of the mask's entries;
+- masked training as above, without importance; the server keeps each client's gradient of its last
+  minibatch (`param.grad` after training);
+- aggregation: the plain (unweighted) mean of the clients' whole models (`agg/avg.py:average_w`, which
+  overwrites the code's weighted average), so pruned coordinates become 0;
+- after aggregating rounds t = 1, 6, 11, ... ((t - 1) % `interval` == 0, `interval` 5 by default), the
+  mask is rebuilt from the mean over the round's clients of their last-minibatch gradients with
+  p = drop_fraction x 0.5^(t / drop_half_life), drop_half_life 1 by default (0.3 x 0.5^t); the new
+  mask applies from the next round (`Models.py:CommenNet.prunefl_readjust`);
+- `percentile_mask`: per layer, a weight stays when its squared gradient (divided by the layer's
+  size, which changes no ranking) is at least the layer's 100 p-th percentile (numpy's linear
+  interpolation); where at least a fraction p of a layer's gradients are exactly 0 the threshold is 0
+  and the whole layer becomes dense (on the MNIST CNN's fc1, whose dead ReLUs give many zeros);
+- evaluation: the global model as it is (its pruned coordinates are already 0);
+- cost as the code counts it: FLOPs of the dense model (its FLOP counter ignores the masks),
+  bytes up = 4 per kept prunable weight and per other value plus one bit per prunable weight (the
+  mask); bytes down the same without the mask bits, plus them when the mask changed since the
+  client's last download.
 """
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
 import numpy as np
 import torch
@@ -77,11 +106,20 @@ from harness.records import ClientResult, ClientTask
 from harness.seeding import rng, torch_generator
 from harness.strategy import MethodParams, Strategy
 from harness.submodel import Contribution, aggregate, state_bytes
-from harness.training import LocalJob
+from harness.training import Hooks, LocalJob
 
 log = logging.getLogger(__name__)
 
 Masks = dict[str, torch.Tensor]  # prunable weight name -> bool tensor of its shape, True = in use
+
+# The reference variant's constants (sunnyxuejj/FedLPS at 35fafba): `--mask_rate 0.5` for the start,
+# `--initial-rounds 10`, `prunefl_readjust(..., prunable_params=0.3)` in the initial phase, and its
+# stopping rule (5 rebuilds in a row that each flip fewer than 10 % of the mask).
+REFERENCE_START_DENSITY = 0.5
+REFERENCE_INITIAL_ITERATIONS = 10
+REFERENCE_INITIAL_P = 0.3
+REFERENCE_PATIENCE = 5
+REFERENCE_FLIP_TOLERANCE = 0.1
 
 
 # -- the reconfiguration rule, as pure functions ---------------------------------------------------
@@ -149,6 +187,31 @@ def reconfigure(weights: dict[str, torch.Tensor], masks: Masks, importance: dict
     return out
 
 
+def magnitude_masks(weights: dict[str, torch.Tensor], masks: Masks, keep: float) -> Masks:
+    """Reference variant: per layer, the floor(keep x n) weights of largest |w| stay."""
+    out = {}
+    for name, mask in masks.items():
+        w = weights[name].flatten()
+        kept = torch.zeros(w.numel(), dtype=torch.bool)
+        kept[torch.topk(w.abs(), int(keep * w.numel())).indices] = True
+        out[name] = kept.view(mask.shape)
+    return out
+
+
+def percentile_mask(grad: torch.Tensor, p: float) -> torch.Tensor:
+    """Reference variant (`Models.py:CommenNet.prunefl_readjust`): keep the weights whose squared
+    gradient (over the layer's size) is not below its 100 p-th percentile."""
+    importance = grad.float().square() / grad.numel()
+    threshold = float(np.percentile(importance.abs().cpu().numpy(), 100 * p))
+    return ~(importance.abs() < threshold)
+
+
+def flipped(before: Masks, after: Masks) -> float:
+    """The fraction of mask entries that changed."""
+    total = sum(m.numel() for m in before.values())
+    return sum(int((before[n] ^ after[n]).sum()) for n in before) / total
+
+
 def _clone(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in tensors.items()}
 
@@ -164,9 +227,12 @@ class PruneFL(Strategy):
     client_columns = round_columns = {"density": pa.float64()}
 
     class Params(MethodParams):  # clip_grad_norm: None, as PruneFL does not clip
-        interval: int = Field(50, gt=0, description="federated rounds between reconfigurations")
+        variant: Literal["official", "reference"] = "official"
+        interval: int | None = Field(None, gt=0, description="federated rounds between reconfigurations "
+                                                             "(default: official 50, reference 5)")
         drop_fraction: float = Field(0.3, ge=0, lt=1, description="d at t = 0")
-        drop_half_life: float = Field(10000, gt=0, description="rounds in which d halves")
+        drop_half_life: float | None = Field(None, gt=0, description="rounds in which d halves (default: "
+                                                                     "official 10000, reference 1)")
         c0: float | None = Field(None, gt=0, description="fixed per-round time (s); default: the dense "
                                  "model's download + upload time")
         dense_layers: list[str] = Field(default_factory=list, description="conv/linear weights kept dense")
@@ -198,6 +264,9 @@ class PruneFL(Strategy):
     def __init__(self, bench, params):
         super().__init__(bench, params)
         cfg = bench.cfg
+        self.reference = params.variant == "reference"
+        self.interval = params.interval or (5 if self.reference else 50)
+        self.half_life = params.drop_half_life or (1.0 if self.reference else 10000.0)
         template = bench.build(device="meta")
         self.check(params, template, cfg)
         shapes = {k: v for k, v in template.state_dict().items() if v.is_floating_point()}
@@ -231,6 +300,10 @@ class PruneFL(Strategy):
         self.initial_densities: list[float] = []  # after each reconfiguration of the initial stage
         self.initial_rounds = 0
         self.initial_done = not self.params.initial_pruning
+        self.mask_version, self.seen_version = 0, {}  # reference cost: has a client the current mask?
+        if self.reference:  # Reference quirk: magnitude pruning to density 1/2 before anything else
+            self.masks = magnitude_masks(self.global_state, self.masks, REFERENCE_START_DENSITY)
+            self.global_state = self.masked_state()
 
     def _reset_importance(self) -> None:
         self.importance = {n: torch.zeros(s) for n, s in self.shapes.items()}
@@ -281,13 +354,56 @@ class PruneFL(Strategy):
         self.dense_importance += dense_importance
         self.accumulated += 1
 
+    def _initial_phase_reference(self) -> None:
+        """Reference variant: the start on one client (see the module docstring)."""
+        bench, seed = self.bench, self.bench.cfg.seed
+        client = int(rng(seed, "prunefl", "initial-client").integers(len(bench.clients)))
+        x, y = bench.train_data(client)
+        flips = []
+        for i in range(REFERENCE_INITIAL_ITERATIONS):
+            context: dict = {}
+            job = LocalJob(bench.spec(), self.global_state, x, y, bench.cfg.train, bench.lr(i),
+                           torch_generator(seed, "prunefl", "initial", i),
+                           weight_masks={n: m.to(bench.device) for n, m in self.masks.items()},
+                           hooks=self._last_gradients(context), context=context)
+            bench.train_here(job)
+            new = {n: percentile_mask(g, REFERENCE_INITIAL_P) for n, g in job.context["last_grads"].items()}
+            flips.append(flipped(self.masks, new))
+            self.global_state = {k: v.cpu().clone() for k, v in job.trained.items() if k in self.global_state}
+            self.masks = new
+            self.initial_rounds += bench.cfg.train.epochs
+            self.initial_densities.append(density(self.masks))
+            if len(flips) >= REFERENCE_PATIENCE and all(f < REFERENCE_FLIP_TOLERANCE for f in flips[-REFERENCE_PATIENCE:]):
+                break
+        self.mask_version += 1
+        log.info("prunefl (reference) initial phase on client %d: %d iterations, density %.4f", client,
+                 len(flips), density(self.masks))
+
+    def _last_gradients(self, into: dict):
+        """Reference variant: hooks that keep the prunable weights' gradients of the last minibatch in
+        `into["last_grads"]` (the code reads `param.grad` after training)."""
+        def hooks(model) -> Hooks:
+            params = dict(model.named_parameters())
+
+            def keep(_batch_size):
+                into["last_grads"] = {n: params[n].grad.detach().clone() for n in self.prunable}
+
+            return Hooks(after_backward=keep)
+
+        return hooks
+
     def configure(self, rnd, clients):
         p = self.params
         if not self.initial_done:  # here rather than in setup: restoring a checkpoint calls setup first
-            self._initial_pruning()
+            self._initial_phase_reference() if self.reference else self._initial_pruning()
             self.initial_done = True
-        if rnd > 0 and rnd % p.interval == 0 and rnd > self.last_reconfiguration and self.accumulated:
-            d = drop_fraction(rnd, p.drop_fraction, p.drop_half_life)
+        if self.reference:
+            instructions = [{"mask_changed": self.seen_version.get(s.client_id) != self.mask_version} for s in clients]
+            for s in clients:
+                self.seen_version[s.client_id] = self.mask_version
+            return {"state": self.global_state, "masks": self.masks}, instructions
+        if rnd > 0 and rnd % self.interval == 0 and rnd > self.last_reconfiguration and self.accumulated:
+            d = drop_fraction(rnd, p.drop_fraction, self.half_life)
             self.masks = reconfigure(self.global_state, self.masks, self.importance, self.time_per_weight,
                                      d, self.c0, self.dense_importance)
             self._reset_importance()
@@ -296,26 +412,45 @@ class PruneFL(Strategy):
         return {"state": self.global_state, "masks": self.masks}, [None] * len(clients)
 
     def aggregate(self, rnd, kept, dropped):
-        """Dropped clients' updates and importance are ignored (their work did not reach the server)."""
-        contributions = [Contribution(r.payload["state"], weight=r.num_samples, coordinate_masks=self.masks)
+        """Dropped clients' updates, importance and gradients are ignored (their work did not reach
+        the server)."""
+        if self.reference:
+            return self._aggregate_reference(rnd, kept)
+        contributions = [Contribution(r.payload["state"], weight=r.num_samples, coordinate_weights=self.masks)
                          for r in kept]
         self.global_state = aggregate(self.global_state, self.bench.layout, contributions)
         for r in kept:
             self._accumulate(r.payload["importance"], r.payload["dense_importance"])
         return {"density": density(self.masks)}
 
+    def _aggregate_reference(self, rnd, kept):
+        """Reference variant: the plain mean of the clients' models; in rounds 1, 6, 11, ... the mask
+        rebuilt from their mean last-minibatch gradients (the round's density is the mask it trained)."""
+        trained_density = density(self.masks)
+        self.global_state = aggregate(self.global_state, self.bench.layout,
+                                      [Contribution(r.payload["state"]) for r in kept])
+        if kept and rnd >= 1 and (rnd - 1) % self.interval == 0:
+            p = drop_fraction(rnd, self.params.drop_fraction, self.half_life)
+            mean_grad = {n: sum(r.payload["last_grads"][n] for r in kept) / len(kept) for n in self.prunable}
+            self.masks = {n: percentile_mask(mean_grad[n], p) for n in self.prunable}
+            self.mask_version += 1
+            self.reconfigurations += 1
+            self.last_reconfiguration = rnd
+        return {"density": trained_density}
+
     def masked_state(self) -> dict[str, torch.Tensor]:
         return {k: v * self.masks[k] if k in self.masks else v for k, v in self.global_state.items()}
 
     def evaluate(self, rnd):
-        return self.bench.evaluate_global(self.masked_state())
+        return self.bench.evaluate_global(self.global_state if self.reference else self.masked_state())
 
     def state_dict(self):
         return {"global_state": _clone(self.global_state), "masks": _clone(self.masks),
                 "importance": _clone(self.importance), "dense_importance": self.dense_importance,
                 "accumulated": self.accumulated, "last_reconfiguration": self.last_reconfiguration,
                 "reconfigurations": self.reconfigurations, "initial_densities": list(self.initial_densities),
-                "initial_rounds": self.initial_rounds, "initial_done": self.initial_done}
+                "initial_rounds": self.initial_rounds, "initial_done": self.initial_done,
+                "mask_version": self.mask_version, "seen_version": dict(self.seen_version)}
 
     def load_state_dict(self, state):
         self.global_state = _clone(state["global_state"])
@@ -328,6 +463,8 @@ class PruneFL(Strategy):
         self.initial_densities = list(state["initial_densities"])
         self.initial_rounds = int(state["initial_rounds"])
         self.initial_done = bool(state["initial_done"])
+        self.mask_version = int(state["mask_version"])
+        self.seen_version = {int(c): int(v) for c, v in state["seen_version"].items()}
 
     # -- cost --------------------------------------------------------------------------------------
     def sparse_cost(self, masks: Masks) -> tuple[float, int]:
@@ -339,10 +476,20 @@ class PruneFL(Strategy):
             nbytes += sparse_bytes(kept, total)
         return forward, nbytes
 
+    def reference_cost(self, masks: Masks, mask_changed: bool) -> tuple[float, int, int]:
+        """Reference variant: (forward FLOPs per sample, bytes up, bytes down) as the code counts them."""
+        values = self.dense_bytes + 4 * sum(int(m.sum()) for m in masks.values())
+        mask_bytes = (sum(m.numel() for m in masks.values()) + 7) // 8
+        return float(self.forward_flops), values + mask_bytes, values + (mask_bytes if mask_changed else 0)
+
     # -- client side -------------------------------------------------------------------------------
     def local_job(self, broadcast, task: ClientTask) -> LocalJob:
         bench = self.bench
         masks = {n: m.to(bench.device) for n, m in broadcast["masks"].items()}
+        if self.reference:
+            context: dict = {}
+            return bench.job(task, broadcast["state"], clip_grad_norm=self.params.clip_grad_norm, weight_masks=masks,
+                             hooks=self._last_gradients(context), context=context)
         return bench.job(task, broadcast["state"], clip_grad_norm=self.params.clip_grad_norm, weight_masks=masks,
                          importance=True)
 
@@ -350,11 +497,16 @@ class PruneFL(Strategy):
         global_state, masks = broadcast["state"], broadcast["masks"]
         stats, y = job.stats, job.y
         trained = {k: v.cpu() for k, v in job.trained.items() if k in global_state}
-        forward, nbytes = self.sparse_cost(masks)
         share = density(masks)
-        payload = {"state": trained, "importance": {n: g.cpu() for n, g in job.grad_importance.items()},
-                   "dense_importance": job.dense_importance}
+        if self.reference:
+            forward, up, down = self.reference_cost(masks, task.instruction["mask_changed"])
+            payload = {"state": trained, "last_grads": {n: g.cpu() for n, g in job.context["last_grads"].items()}}
+        else:
+            forward, up = self.sparse_cost(masks)
+            down = up
+            payload = {"state": trained, "importance": {n: g.cpu() for n, g in job.grad_importance.items()},
+                       "dense_importance": job.dense_importance}
         return ClientResult(
             task.client_id, task.round, payload=payload, num_samples=len(y), train_loss=stats.loss,
             train_acc=stats.accuracy, keep_ratio=share, flops=training_flops(forward, stats.samples),
-            bytes_up=nbytes, bytes_down=nbytes, metrics={"density": share})
+            bytes_up=up, bytes_down=down, metrics={"density": share})

@@ -115,6 +115,22 @@ class FedLPS(Strategy):
     client_columns = {"arm_low": pa.float64(), "arm_high": pa.float64(),
                       **{f"acc_personal{TEST_SET_SUFFIX[kind]}": pa.float64() for kind in TEST_SETS}}
 
+    @classmethod
+    def describe(cls, params):
+        """'FedLPS (reference)', 'FedLPS (RCR)', 'FedLPS (random masks, keep ratio 0.5)'."""
+        params = dict(params)
+        parts = [params.pop("variant")] if "variant" in params else []
+        policy = params.pop("keep_ratio_policy", "bandit")
+        mask = params.pop("mask", None)
+        if policy == "rcr":
+            parts.append("RCR")
+        elif policy == "fixed":
+            parts.append(f"{mask or 'learnable'} masks, keep ratio {params.pop('keep_ratio', 0.5):g}")
+        if mask and policy != "fixed":
+            parts.append(f"{mask} masks")
+        parts += [f"{k} {v}" for k, v in sorted(params.items())]
+        return f"FedLPS ({', '.join(parts)})" if parts else "FedLPS"
+
     # -- server ------------------------------------------------------------------------------------
     def setup(self, store):
         super().setup(store)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -52,6 +53,10 @@ class DataConfig(Strict):
 class ClientsConfig(Strict):
     total: int = Field(100, gt=0)
     per_round: int = Field(10, gt=0)
+    deadline_s: float | None = Field(None, gt=0, description="simulated seconds: a client slower than this is "
+                                                              "late, its update lost (harness/availability.py)")
+    overselect: float = Field(1.0, ge=1, description="sample ceil(overselect x per_round) clients, keep the first "
+                                                     "per_round to finish")
 
     @model_validator(mode="after")
     def _fits(self):
@@ -89,6 +94,13 @@ class DevicesConfig(Strict):
     up_mb_s: float = Field(14.0, gt=0, description="upload bandwidth, megabytes per second")
     assignment: Literal["dynamic", "fixed"] = "dynamic"
     trace: str | None = Field(None, description="CSV with client_id[,round],tier overriding the drawn tiers")
+    availability: str | dict[str, float] = Field(
+        "always", description="'always', or per tier the probability of being online in a round (tiers not "
+                              "named: 1)")
+    availability_trace: str | None = Field(None, description="CSV client_id,start_round,end_round of online "
+                                                             "intervals (both ends inclusive)")
+    availability_period: int | None = Field(None, gt=0, description="repeat the availability trace every so "
+                                                                    "many rounds")
 
     @model_validator(mode="after")
     def _tiers(self):
@@ -97,6 +109,16 @@ class DevicesConfig(Strict):
             raise ValueError(f"tier names must be unique, got {names}")
         if sum(t.proportion for t in self.tiers) <= 0:
             raise ValueError("tier proportions must not all be zero")
+        a = self.availability
+        if isinstance(a, str) and a != "always":
+            raise ValueError(f"availability: expected 'always' or a mapping of tier to probability, got {a!r}")
+        if isinstance(a, dict):
+            unknown = set(a) - set(names)
+            if unknown:
+                raise ValueError(f"availability: unknown tier(s) {', '.join(sorted(unknown))} (tiers: {', '.join(names)})")
+            outside = {t: p for t, p in a.items() if not 0 <= p <= 1}
+            if outside:
+                raise ValueError(f"availability: probabilities must lie in [0, 1], got {outside}")
         return self
 
 
@@ -161,6 +183,15 @@ class ExperimentConfig(Strict):
     method: MethodConfig = MethodConfig()
     engine: EngineConfig = EngineConfig()
     out: str = "results/runs"
+
+    @model_validator(mode="after")
+    def _overselection_fits(self):
+        c = self.clients
+        wanted = math.ceil(c.overselect * c.per_round - 1e-9)
+        if wanted > c.total:
+            raise ValueError(f"clients.overselect: {c.overselect:g} x per_round {c.per_round} = {wanted} clients, "
+                             f"more than clients.total ({c.total})")
+        return self
 
     @model_validator(mode="after")
     def _groups_name_tiers(self):
@@ -267,8 +298,8 @@ def _raise_validation(err: ValidationError, prefix: str = "") -> None:
         msg = "unknown key"
     msg = msg.removeprefix("Value error, ")
     named = re.match(r"([A-Za-z_][\w.]*): (.*)", msg)
-    if not first["loc"] and named:  # a check across sections names its field in its message
-        field, msg = ".".join(x for x in (prefix, named.group(1)) if x), named.group(2)
+    if named and first["type"] == "value_error":  # a check of a section names its field in its message
+        field, msg = ".".join(x for x in (prefix, loc, named.group(1)) if x), named.group(2)
     more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
     raise ConfigError(field, msg + more) from None
 

@@ -152,8 +152,8 @@ def load_dataset(cfg: DataConfig) -> Dataset:
 # Partition
 
 
-TEST_SETS = ("mirrored",)  # the constructions of per-client test sets every run evaluates on
-TEST_SET_SUFFIX = {"mirrored": ""}  # of their columns in the results
+TEST_SETS = ("mirrored", "authors")  # the constructions of per-client test sets every run evaluates on
+TEST_SET_SUFFIX = {"mirrored": "", "authors": "_authors_tests"}  # of their columns in the results
 
 
 @dataclass(frozen=True)
@@ -214,14 +214,18 @@ def partition(y_train: np.ndarray, y_test: np.ndarray, split: SplitConfig, num_c
               seed: int) -> list[ClientData]:
     """Split the training set over clients; a pure function of (labels, split settings, seed).
 
-    Each client's images are shuffled and cut into train and validation (split.val_fraction). Its
-    test set holds, for each class it owns, as many test images of that class as it owns training
-    images of it (for shards: the shard size per shard of that class), drawn without replacement.
+    Each client's images are shuffled and cut into train and validation (split.val_fraction). It gets
+    two test sets:
+    - `mirrored`: for each class it owns, as many test images of that class as it owns training
+      images of it (for shards: the shard size per shard of that class), drawn without replacement;
+    - `authors`: the FedLPS authors' construction (`authors_test_set`).
     """
     y_train, y_test = np.asarray(y_train), np.asarray(y_test)
     splitter = {"shards": _shards, "dirichlet": _dirichlet, "iid": _iid}[split.kind]
     owned = splitter(y_train, split, num_clients, rng(seed, "partition"))
     test_by_class = {c: np.flatnonzero(y_test == c) for c in np.unique(y_test)}
+    test_sorted = np.argsort(y_test, kind="stable")
+    block = len(y_test) // (int(max(y_train.max(initial=0), y_test.max(initial=0))) + 1)
     clients = []
     for cid, idx in enumerate(owned):
         gen = rng(seed, "client-data", cid)
@@ -232,6 +236,26 @@ def partition(y_train: np.ndarray, y_test: np.ndarray, split: SplitConfig, num_c
                            size=min(n, len(test_by_class.get(c, ()))), replace=False)
                 for c, n in zip(classes, counts)]
         mirrored = np.sort(np.concatenate(test)).astype(np.int64)
+        per_label = [split.shard_size] * len(classes) if split.kind == "shards" else counts
+        authors = authors_test_set(test_sorted, block, classes, per_label, rng(seed, "authors-tests", cid))
         clients.append(ClientData(train=np.sort(idx[n_val:]), val=np.sort(idx[:n_val]),
-                                  tests={"mirrored": mirrored}, classes=classes))
+                                  tests={"mirrored": mirrored, "authors": authors}, classes=classes))
     return clients
+
+
+def authors_test_set(test_sorted: np.ndarray, block: int, labels, per_label, gen: np.random.Generator) -> np.ndarray:
+    """The FedLPS authors' per-client test set (sunnyxuejj/FedLPS at 35fafba, sampling.py
+    `mnist_extr_noniid`, `cifar_extr_noniid`, `cifar100_extr_noniid`): for each label L the client
+    holds (in its training and validation images), `per_label[L]` images drawn without replacement
+    from the block of positions [block x L, block x L + block) of the label-sorted test set, with
+    block = test images / classes (the code's 1000 for MNIST and CIFAR-10, 100 for CIFAR-100), and
+    per_label the split's shard size (the code's `nsamples`), whatever the client's count of L.
+    Where a class has fewer test images than the block (MNIST: 892 fives), the block spills into the
+    neighbouring labels, so the set holds foreign images. The code sorts with numpy's default
+    (unstable) argsort; here the sort is stable: the blocks hold the same labels in the same
+    numbers, but which images of a label sit at which position may differ."""
+    parts = []
+    for label, n in zip(labels, per_label):
+        positions = test_sorted[int(label) * block:(int(label) + 1) * block]
+        parts.append(gen.choice(positions, size=min(int(n), len(positions)), replace=False))
+    return np.sort(np.concatenate(parts)).astype(np.int64) if parts else np.zeros(0, np.int64)

@@ -19,10 +19,12 @@ from typing import Any, Callable
 import numpy as np
 
 from harness.config import EngineConfig, ExperimentConfig, axis_label, method_params
+from harness.availability import round_outcome, sample_size, tiebreak_order
 from harness.cost import client_time
+from harness.data import TEST_SET_SUFFIX, TEST_SETS
 from harness.engine import Engine, SerialEngine
 from harness.ray_engine import RayEngine
-from harness.records import ClientResult, ClientSlot, ClientTask
+from harness.records import LATE, NOT_KEPT, ClientResult, ClientSlot, ClientTask, Evaluation
 from harness.registry import declared_columns, method_class
 from harness.results import CLIENTS, ROUNDS, SUMMARY, with_columns, write_table, write_yaml
 from harness.seeding import rng
@@ -34,9 +36,20 @@ log = logging.getLogger(__name__)
 RoundCallback = Callable[[dict[str, Any], Callable[[], dict[str, Any]] | None], None]
 
 
+def dataset_name(cfg: ExperimentConfig) -> str:
+    """The data set, as results name it: npz files by their file name (no path of this machine)."""
+    dataset = cfg.data.dataset
+    return f"npz:{Path(dataset[4:]).name}" if dataset.startswith("npz:") else dataset
+
+
 def setting_label(cfg: ExperimentConfig) -> str:
-    """Names what is being compared on: everything but the method, the seed and where it runs."""
-    core = cfg.model_dump(exclude={"name", "method", "seed", "engine", "out", "checkpoint_every"})
+    """Names what is being compared on: everything but the method, the seed and where it runs (a
+    digest of the settings that differ from the defaults, so a new option leaves labels alone)."""
+    core = cfg.model_dump(exclude={"name", "method", "seed", "engine", "out", "checkpoint_every"}, exclude_defaults=True)
+    data = core.setdefault("data", {})
+    data.pop("root", None)
+    data.pop("download", None)
+    data["dataset"] = dataset_name(cfg)
     digest = hashlib.sha1(json.dumps(core, sort_keys=True, default=str).encode()).hexdigest()[:6]
     s = cfg.data.split
     split = {"shards": f"shards{s.shards_per_client}x{s.shard_size}", "dirichlet": f"dir{s.alpha:g}",
@@ -45,6 +58,33 @@ def setting_label(cfg: ExperimentConfig) -> str:
     if dataset.startswith("npz:"):
         dataset = "npz-" + Path(dataset[4:]).stem
     return f"{dataset}_{split}_{cfg.clients.total}c{cfg.clients.per_round}_{digest}"
+
+
+DATASET_TITLES = {"mnist-5k": "MNIST-5k", "mnist": "MNIST", "fashion-mnist": "Fashion-MNIST", "cifar10": "CIFAR-10",
+                  "cifar100": "CIFAR-100"}
+
+
+def setting_title(cfg: ExperimentConfig) -> str:
+    """The setting as a paper's figure names it: 'MNIST, 2 shards of 100 per client, 100 clients (10 per
+    round)', plus the deadline, over-selection and availability where set."""
+    dataset = cfg.data.dataset
+    if dataset.startswith("npz:"):
+        stem = Path(dataset[4:]).stem
+        dataset = DATASET_TITLES.get(stem.lower(), stem)
+    else:
+        dataset = DATASET_TITLES[dataset]
+    s = cfg.data.split
+    split = {"shards": f"{s.shards_per_client} shards of {s.shard_size} per client", "dirichlet": f"Dirichlet({s.alpha:g})",
+             "iid": "IID"}[s.kind]
+    c, d = cfg.clients, cfg.devices
+    parts = [dataset, split, f"{c.total} clients ({c.per_round} per round)"]
+    if c.deadline_s is not None:
+        parts.append(f"deadline {c.deadline_s:g} s")
+    if c.overselect > 1:
+        parts.append(f"over-selection {c.overselect:g}")
+    if d.availability != "always" or d.availability_trace:
+        parts.append("partial availability")
+    return ", ".join(parts)
 
 
 def make_engine(cfg: EngineConfig) -> Engine:
@@ -71,8 +111,9 @@ class Experiment:
         self.engine = engine
         self.progress = progress
         self.on_round = on_round
-        self.identity = dict(experiment=cfg.name, setting=setting_label(cfg), method=cfg.method.name,
-                             method_label=axis_label(cfg.method.model_dump()), dataset=cfg.data.dataset,
+        self.identity = dict(experiment=cfg.name, setting=setting_label(cfg), setting_title=setting_title(cfg),
+                             method=cfg.method.name, method_label=axis_label(cfg.method.model_dump()),
+                             method_title=method.describe(cfg.method.params()), dataset=dataset_name(cfg),
                              model=self.bench.model_name, seed=cfg.seed)
         self.next_round = 0
         self.rounds: list[dict[str, Any]] = []
@@ -103,7 +144,8 @@ class Experiment:
         last_checkpoint = self.next_round
         try:
             engine.start(self.bench, self.strategy)  # a pool the cluster cannot hold fails before any write
-            write_yaml(self.out_dir / "config.yaml", cfg.model_dump(mode="json"))
+            # the resolved config, without where it was written (no path of this machine in the results)
+            write_yaml(self.out_dir / "config.yaml", cfg.model_dump(mode="json", exclude={"out"}))
             if self.progress:
                 from tqdm import tqdm
                 bar = tqdm(total=cfg.rounds, initial=self.next_round, desc=cfg.name, unit="round", dynamic_ncols=True)
@@ -135,8 +177,10 @@ class Experiment:
     def _play_round(self, engine, rnd: int) -> dict[str, Any] | None:
         cfg, bench, strategy = self.cfg, self.bench, self.strategy
         started = time.perf_counter()
-        sampled = np.sort(rng(cfg.seed, "sample", rnd).choice(cfg.clients.total, cfg.clients.per_round, replace=False))
         tier_of = bench.devices.tiers_for_round(rnd)
+        wanted = sample_size(cfg.clients.per_round, cfg.clients.overselect)
+        online = np.flatnonzero(bench.availability.online(rnd, tier_of))
+        sampled = np.sort(rng(cfg.seed, "sample", rnd).choice(online, min(wanted, len(online)), replace=False))
         slots = [ClientSlot(int(c), cfg.devices.tiers[tier_of[c]], bench.clients[c].num_samples) for c in sampled]
         broadcast, instructions = strategy.configure(rnd, slots)
         tasks = [ClientTask(s.client_id, rnd, s.tier, ins, self.store.get(s.client_id))
@@ -148,18 +192,26 @@ class Experiment:
                 r.sim_down_s, r.sim_compute_s, r.sim_up_s = t.down_s, t.compute_s, t.up_s
             else:
                 log.warning("client %d failed in round %d: %s", r.client_id, rnd, r.error)
-        ok = [r for r in results if r.ok]
+        tiebreak = tiebreak_order(cfg.seed, rnd, cfg.clients.total)
+        outcome = round_outcome({r.client_id: r.sim_s for r in results if r.trained}, cfg.clients.per_round,
+                                cfg.clients.deadline_s, {c: tiebreak[c] for c in sampled})
+        for r in results:
+            if r.client_id in outcome.late:
+                r.status = LATE
+            elif r.client_id in outcome.not_kept:
+                r.status = NOT_KEPT
+        kept = [r for r in results if r.ok]
         dropped = [r for r in results if not r.ok]
-        for r in ok + (dropped if strategy.stores_state_of_dropped else []):
-            if r.trained and r.state is not None:
+        lost = [r for r in dropped if r.trained]  # late and not kept: work done, update lost
+        for r in kept + (lost if strategy.stores_state_of_dropped else []):
+            if r.state is not None:
                 self.store.put(r.client_id, r.state)
-        extras = strategy.aggregate(rnd, ok, dropped)
+        extras = strategy.aggregate(rnd, kept, dropped)
         self._check_columns(extras, self.round_columns, "round")
         self.clients.extend(self._client_row(slot, r) for slot, r in zip(slots, results))
-        flops, up, down = sum(r.flops for r in ok), sum(r.bytes_up for r in ok), sum(r.bytes_down for r in ok)
-        sim_round = max((r.sim_s for r in ok), default=0.0)
+        flops, up, down = sum(r.flops for r in kept), sum(r.bytes_up for r in kept), sum(r.bytes_down for r in kept)
         totals = self.totals
-        totals["sim"] += sim_round
+        totals["sim"] += outcome.duration_s
         totals["flops"] += flops
         totals["up"] += up
         totals["down"] += down
@@ -169,19 +221,18 @@ class Experiment:
         totals["wall"] += wall
         if ev is None:
             return None
-        weights = np.array([r.num_samples for r in ok], dtype=float)
-        acc = ev.clients["mirrored"]
-        row = dict(
-            self.identity, round=rnd,
-            acc_clients_mean=float(np.nanmean(acc)), acc_clients_std=float(np.nanstd(acc)),
-            acc_global=ev.acc_global,
-            train_loss=_weighted([r.train_loss for r in ok], weights),
-            train_acc=_weighted([r.train_acc for r in ok], weights),
-            clients_ok=len(ok), clients_failed=len(results) - len(ok),
-            keep_ratio_mean=float(np.mean([r.keep_ratio for r in ok])) if ok else None,
-            sim_round_s=sim_round, sim_total_s=totals["sim"], flops=flops, flops_total=totals["flops"],
-            bytes_up=up, bytes_down=down, bytes_up_total=totals["up"], bytes_down_total=totals["down"],
-            wall_s=wall, wall_total_s=totals["wall"], **extras)
+        weights = np.array([r.num_samples for r in kept], dtype=float)
+        row = dict(self.identity, round=rnd, **_accuracies(ev), acc_global=ev.acc_global,
+                   train_loss=_weighted([r.train_loss for r in kept], weights),
+                   train_acc=_weighted([r.train_acc for r in kept], weights),
+                   clients_ok=len(kept), clients_failed=sum(not r.trained for r in results),
+                   clients_late=len(outcome.late), clients_not_kept=len(outcome.not_kept),
+                   clients_offline_short=wanted - len(sampled),
+                   keep_ratio_mean=float(np.mean([r.keep_ratio for r in kept])) if kept else None,
+                   sim_round_s=outcome.duration_s, sim_total_s=totals["sim"], flops=flops, flops_total=totals["flops"],
+                   bytes_up=up, bytes_down=down, bytes_up_total=totals["up"], bytes_down_total=totals["down"],
+                   flops_dropped=sum(r.flops for r in lost), bytes_dropped=sum(r.bytes_up + r.bytes_down for r in lost),
+                   wall_s=wall, wall_total_s=totals["wall"], **extras)
         self.rounds.append(row)
         return row
 
@@ -193,7 +244,8 @@ class Experiment:
         rounds, totals = self.rounds, self.totals
         summary = dict(self.identity, rounds=self.cfg.rounds, status="completed",
                        final_acc=rounds[-1]["acc_clients_mean"], best_acc=max(r["acc_clients_mean"] for r in rounds),
-                       final_acc_global=rounds[-1]["acc_global"], sim_total_s=totals["sim"],
+                       final_acc_global=rounds[-1]["acc_global"],
+                       final_acc_global_clients=rounds[-1]["acc_global_clients_mean"], sim_total_s=totals["sim"],
                        flops_total=totals["flops"], bytes_up_total=totals["up"], bytes_down_total=totals["down"],
                        wall_total_s=totals["wall"])
         write_table(self.out_dir / "summary.parquet", [summary], SUMMARY)
@@ -209,11 +261,24 @@ class Experiment:
         self._check_columns(r.metrics, self.client_columns, "client")
         row = dict(self.identity, round=r.round, client_id=r.client_id, tier=slot.tier.name, cap=slot.tier.cap,
                    num_samples=slot.num_samples, status=r.status, error=r.error)
-        if r.ok:
+        if r.trained:
             row.update(keep_ratio=r.keep_ratio, flops=r.flops, bytes_up=r.bytes_up, bytes_down=r.bytes_down,
                        sim_s=r.sim_s, sim_down_s=r.sim_down_s, sim_compute_s=r.sim_compute_s, sim_up_s=r.sim_up_s,
                        train_acc=r.train_acc, train_loss=r.train_loss, **r.metrics)
         return row
+
+
+def _accuracies(ev: Evaluation) -> dict[str, float]:
+    """The round's accuracy columns: per test-set construction, the mean (and std) over clients with
+    the model each would use, and the mean with the global model."""
+    row = {}
+    for kind in TEST_SETS:
+        suffix = TEST_SET_SUFFIX[kind]
+        acc = ev.clients[kind]
+        dense = ev.global_clients[kind] if ev.global_clients is not None else acc
+        row.update({f"acc_clients_mean{suffix}": float(np.nanmean(acc)), f"acc_clients_std{suffix}": float(np.nanstd(acc)),
+                    f"acc_global_clients_mean{suffix}": float(np.nanmean(dense))})
+    return row
 
 
 def _weighted(values, weights) -> float | None:

@@ -21,16 +21,20 @@ import yaml
 
 S, I, F = pa.string(), pa.int64(), pa.float64()
 
-IDENTITY = [("experiment", S), ("setting", S), ("method", S), ("method_label", S), ("dataset", S),
-            ("model", S), ("seed", I)]
+IDENTITY = [("experiment", S), ("setting", S), ("setting_title", S), ("method", S), ("method_label", S),
+            ("method_title", S), ("dataset", S), ("model", S), ("seed", I)]
 
 ROUNDS = pa.schema(IDENTITY + [
-    ("round", I), ("acc_clients_mean", F), ("acc_clients_std", F), ("acc_global", F),
+    ("round", I), ("acc_clients_mean", F), ("acc_clients_std", F), ("acc_global_clients_mean", F),
+    ("acc_clients_mean_authors_tests", F), ("acc_clients_std_authors_tests", F),
+    ("acc_global_clients_mean_authors_tests", F), ("acc_global", F),
     ("train_loss", F), ("train_acc", F), ("clients_ok", I), ("clients_failed", I),
+    ("clients_late", I), ("clients_not_kept", I), ("clients_offline_short", I),
     ("keep_ratio_mean", F),
     ("sim_round_s", F), ("sim_total_s", F),
     ("flops", F), ("flops_total", F),
     ("bytes_up", I), ("bytes_down", I), ("bytes_up_total", I), ("bytes_down_total", I),
+    ("flops_dropped", F), ("bytes_dropped", I),
     ("wall_s", F), ("wall_total_s", F),
 ])
 
@@ -43,6 +47,7 @@ CLIENTS = pa.schema(IDENTITY + [
 
 SUMMARY = pa.schema(IDENTITY + [
     ("rounds", I), ("status", S), ("final_acc", F), ("best_acc", F), ("final_acc_global", F),
+    ("final_acc_global_clients", F),
     ("sim_total_s", F), ("flops_total", F), ("bytes_up_total", I), ("bytes_down_total", I),
     ("wall_total_s", F),
 ])

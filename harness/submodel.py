@@ -32,7 +32,7 @@ def widths_of(full_widths: dict[str, int], index_sets: IndexSets) -> dict[str, i
     return {g: len(index_sets[g]) if g in index_sets else n for g, n in full_widths.items()}
 
 
-def _dim_index(dim: Dim, index_sets: IndexSets, size: int) -> torch.Tensor | None:
+def _dim_index(dim: Dim, index_sets: IndexSets) -> torch.Tensor | None:
     if dim.group is None or dim.group == CLASSES or dim.group not in index_sets:
         return None
     idx = index_sets[dim.group]
@@ -41,26 +41,37 @@ def _dim_index(dim: Dim, index_sets: IndexSets, size: int) -> torch.Tensor | Non
     return idx
 
 
-def extract(state: State, layout: dict[str, tuple[Dim, ...]], index_sets: IndexSets) -> State:
-    """The tensors of the submodel that keeps `index_sets` (same names, smaller shapes)."""
+AxisIndex = dict[tuple[str, int], torch.Tensor]  # (tensor name, axis) -> the global coordinates kept there
+
+
+def extract(state: State, layout: dict[str, tuple[Dim, ...]], index_sets: IndexSets,
+            axis_index: AxisIndex | None = None) -> State:
+    """The tensors of the submodel that keeps `index_sets` (same names, smaller shapes). `axis_index`
+    gives the kept coordinates of some tensor axes directly, instead of from their unit group."""
     out = {}
     for name, tensor in state.items():
         t = tensor
         for axis, dim in enumerate(layout.get(name, ())):
-            idx = _dim_index(dim, index_sets, t.shape[axis])
+            idx = _axis_index(name, axis, dim, index_sets, axis_index)
             if idx is not None:
                 t = t.index_select(axis, idx)
         out[name] = t.clone() if t is tensor else t
     return out
 
 
-def _region(dims: tuple[Dim, ...], index_sets: IndexSets, shape: torch.Size):
+def _axis_index(name: str, axis: int, dim: Dim, index_sets: IndexSets, axis_index: AxisIndex | None):
+    if axis_index and (name, axis) in axis_index:
+        return axis_index[(name, axis)]
+    return _dim_index(dim, index_sets)
+
+
+def _region(name: str, dims: tuple[Dim, ...], index_sets: IndexSets, shape: torch.Size, axis_index: AxisIndex | None):
     """Broadcastable index tensors addressing a client's coordinates in a global tensor."""
     if not dims:
         return (...,)
     index = []
     for axis, dim in enumerate(dims):
-        idx = _dim_index(dim, index_sets, shape[axis])
+        idx = _axis_index(name, axis, dim, index_sets, axis_index)
         if idx is None:
             idx = torch.arange(shape[axis])
         view = [1] * len(dims)
@@ -75,13 +86,16 @@ class Contribution:
 
     `weight` scales the client in the mean (1 for count-normalised, its sample count for FedAvg);
     `class_rows` (bool per class) restricts the classifier rows it updates (HeteroFL's label split);
-    `coordinate_masks` (per tensor, 0/1) restricts it to the coordinates it really used (PruneFL)."""
+    `coordinate_weights` (per tensor, of the client tensor's shape) further weights each coordinate:
+    0/1 masks of the coordinates it really used (PruneFL), or counters (FedRolex's reference variant);
+    `axis_index` as for `extract`."""
 
     state: State
     index_sets: IndexSets = field(default_factory=dict)
     weight: float = 1.0
     class_rows: torch.Tensor | None = None
-    coordinate_masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    coordinate_weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    axis_index: AxisIndex | None = None
 
 
 def aggregate(global_state: State, layout: dict[str, tuple[Dim, ...]],
@@ -103,9 +117,9 @@ def aggregate(global_state: State, layout: dict[str, tuple[Dim, ...]],
             weight = torch.full_like(values, float(c.weight))
             if c.class_rows is not None and dims and dims[0].group == CLASSES:
                 weight = weight * c.class_rows.to(g.dtype).view(-1, *([1] * (values.dim() - 1)))
-            if name in c.coordinate_masks:
-                weight = weight * c.coordinate_masks[name].to(g.dtype)
-            region = _region(dims, c.index_sets, g.shape)
+            if name in c.coordinate_weights:
+                weight = weight * c.coordinate_weights[name].to(g.dtype)
+            region = _region(name, dims, c.index_sets, g.shape, c.axis_index)
             total[region] += weight * values
             count[region] += weight
         new_state[name] = torch.where(count > 0, total / count.clamp_min(1e-30), g)

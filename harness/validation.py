@@ -3,6 +3,7 @@ all experiments of a config first, so that a mistake in the last grid point stop
 once, with one line naming the field or file."""
 from __future__ import annotations
 
+from harness.availability import Availability
 from harness.config import ExperimentConfig, method_params
 from harness.cost import DeviceAssigner
 from harness.data import load_dataset, partition
@@ -12,7 +13,7 @@ from harness.registry import method_class
 
 def validate(cfg: ExperimentConfig) -> None:
     """Raise the ConfigError of the first problem of `cfg`: its data (files, labels, whether the
-    split can be made), its model for that data, its method's own checks, its device trace."""
+    split can be made), its model for that data, its method's own checks, its device and availability traces."""
     import torch
 
     dataset = load_dataset(cfg.data)
@@ -22,3 +23,4 @@ def validate(cfg: ExperimentConfig) -> None:
         model = build_model(name, dataset.num_classes, dataset.image_shape, norm=cfg.model.norm)
     method_class(cfg.method.name).check(method_params(cfg), model, cfg)
     DeviceAssigner(cfg.devices, cfg.clients.total, cfg.seed)
+    Availability(cfg.devices, cfg.clients.total, cfg.seed)

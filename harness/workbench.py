@@ -10,14 +10,15 @@ import functools
 import numpy as np
 import torch
 
+from harness.availability import Availability
 from harness.config import ExperimentConfig
 from harness.cost import DeviceAssigner, FlopMeter
 from harness.data import TEST_SETS, ClientData, Dataset, load_dataset, partition
 from harness.models import ModelSpec, UnitModel, build_model, resolve_model_name
 from harness.records import ClientTask, Evaluation
 from harness.seeding import seed_of, torch_generator
-from harness.training import (LocalJob, calibrate_batchnorm, correct_per_sample, load_start, threads, torch_threads,
-                              train_alone)
+from harness.training import (LocalJob, SGDSettings, calibrate_batchnorm, correct_per_sample, load_start, threads,
+                              torch_threads, train_alone)
 
 
 class Workbench:
@@ -36,6 +37,7 @@ class Workbench:
         self.param_shapes = {n: p.shape for n, p in template.named_parameters()}
         self.flops = FlopMeter(self.model_name, self.num_classes, self.image_shape)
         self.devices = DeviceAssigner(cfg.devices, cfg.clients.total, cfg.seed)
+        self.availability = Availability(cfg.devices, cfg.clients.total, cfg.seed)
         self._models: dict[ModelSpec, tuple[UnitModel, dict[str, torch.Tensor]]] = {}
 
     # -- models ------------------------------------------------------------------------------------
@@ -98,14 +100,14 @@ class Workbench:
         return torch_generator(self.cfg.seed, "client", rnd, client_id)
 
     def job(self, task: ClientTask, start: dict[str, torch.Tensor], spec: ModelSpec | None = None,
-            generator: torch.Generator | None = None, **options) -> LocalJob:
-        """The client's local SGD on its training data with the experiment's settings, from `start`
-        (on this process's device), at the task's round's learning rate, drawing its data order from
-        `generator` (default: the task's own stream); `options`: further LocalJob fields
-        (clip_grad_norm, masks, hooks, context, ...)."""
+            generator: torch.Generator | None = None, train: SGDSettings | None = None, **options) -> LocalJob:
+        """The client's local SGD on its training data from `start` (moved to this process's device),
+        with the experiment's training settings (or `train`) at the task's round's learning rate,
+        drawing its data order from `generator` (default: the task's own stream); `options`: further
+        LocalJob fields (clip_grad_norm, masks, hooks, context, ...)."""
         x, y = self.train_data(task.client_id)
         start = {k: v.to(self.device) for k, v in start.items()}
-        return LocalJob(spec or self.spec(), start, x, y, self.cfg.train, self.lr(task.round),
+        return LocalJob(spec or self.spec(), start, x, y, train or self.cfg.train, self.lr(task.round),
                         generator or self.generator(task.round, task.client_id), **options)
 
     # -- data --------------------------------------------------------------------------------------
@@ -128,25 +130,36 @@ class Workbench:
     def _per_client(self, correct: torch.Tensor, kind: str) -> np.ndarray:
         return np.array([float(correct[idx].float().mean()) if len(idx) else np.nan for idx in self.test_index[kind]])
 
-    def evaluate_global(self, state: dict[str, torch.Tensor], static_bn: bool = False) -> Evaluation:
-        """The global model on the whole test set and on every client's test sets (clients' test sets
-        are subsets of the test set, so one pass serves all). With static BN the normalisation
-        statistics are first computed over the clients' training data."""
-        model = self.load(self.build(self.spec(norm="bn") if static_bn else None), state)
+    def evaluate_global(self, state: dict[str, torch.Tensor], static_bn: bool = False,
+                        norm: str | None = None) -> Evaluation:
+        """The global model (of `norm`, default the experiment's) on the whole test set and on every
+        client's test sets. With static BN the normalisation statistics are first computed over the
+        clients' training data. Clients' test sets are subsets of the test set, so one pass serves
+        all, unless the model normalises with batch statistics in evaluation too (`batch` norm):
+        then each client's test set is evaluated on its own, in minibatches of the training batch
+        size, as a client would."""
+        model = self.load(self.build(self.spec(norm="bn" if static_bn else norm)), state)
         if static_bn:
             calibrate_batchnorm(model, self._training_batches())
         correct = correct_per_sample(model, self.dataset.x_test, self.dataset.y_test, self.dataset.normalize)
-        return Evaluation(clients={kind: self._per_client(correct, kind) for kind in TEST_SETS},
-                          acc_global=float(correct.float().mean()))
+        if (norm or self.cfg.model.norm) == "batch" and any(
+                isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            clients = {kind: np.array([self._accuracy(model, idx, self.cfg.train.batch_size) for idx in index])
+                       for kind, index in self.test_index.items()}
+        else:
+            clients = {kind: self._per_client(correct, kind) for kind in TEST_SETS}
+        return Evaluation(clients=clients, acc_global=float(correct.float().mean()))
+
+    def _accuracy(self, model: torch.nn.Module, idx: torch.Tensor, batch_size: int = 1000) -> float:
+        if not len(idx):
+            return float("nan")
+        correct = correct_per_sample(model, self.dataset.x_test[idx], self.dataset.y_test[idx], self.dataset.normalize,
+                                     batch_size)
+        return float(correct.float().mean())
 
     def accuracy_on_client(self, model: torch.nn.Module, client_id: int) -> dict[str, float]:
         """`model` on one client's own test sets (for personalised models), per construction."""
-        accuracy = {}
-        for kind in TEST_SETS:
-            idx = self.test_index[kind][client_id]
-            correct = correct_per_sample(model, self.dataset.x_test[idx], self.dataset.y_test[idx], self.dataset.normalize)
-            accuracy[kind] = float(correct.float().mean()) if len(idx) else float("nan")
-        return accuracy
+        return {kind: self._accuracy(model, self.test_index[kind][client_id]) for kind in TEST_SETS}
 
     def _training_batches(self, batch_size: int = 500):
         idx = torch.from_numpy(np.concatenate([c.train for c in self.clients]))

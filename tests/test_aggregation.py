@@ -55,7 +55,7 @@ def test_coordinate_masks_restrict_a_contribution():
     s1 = {k: torch.full_like(v, 1.0) for k, v in GLOBAL.items()}
     s2 = {k: torch.full_like(v, 3.0) for k, v in GLOBAL.items()}
     mask = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0])
-    new = aggregate(GLOBAL, LAYOUT, [Contribution(s1, full, weight=1, coordinate_masks={"h.bias": mask}),
-                                     Contribution(s2, full, weight=3, coordinate_masks={"h.bias": torch.zeros(5)})])
+    new = aggregate(GLOBAL, LAYOUT, [Contribution(s1, full, weight=1, coordinate_weights={"h.bias": mask}),
+                                     Contribution(s2, full, weight=3, coordinate_weights={"h.bias": torch.zeros(5)})])
     assert new["h.bias"].tolist() == [1.0, 9.0, 1.0, 9.0, 9.0]
     assert torch.allclose(new["h.weight"], torch.full((5, 2), 2.5))

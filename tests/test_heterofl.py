@@ -68,12 +68,13 @@ def test_fedrolex_rolls_with_the_global_round(config):
     bench, rolex = started(config(**{"method.name": "fedrolex"}))
     widths = rolex.widths(0.4)
     assert widths == {"conv1": 4, "conv2": 8, "fc1": 20}
-    at8 = rolex.index_sets(8, widths)
+    at8, axis_index = rolex.index_sets(ClientTask(0, 8, tier(0.4)), widths)
+    assert axis_index is None
     assert at8["conv1"].tolist() == [0, 1, 8, 9]
     assert at8["conv2"].tolist() == list(range(8, 16))
     assert at8["fc1"].tolist() == list(range(8, 28))
     prefix = prefix_index_sets(bench.full_widths, widths)
-    assert all(torch.equal(rolex.index_sets(0, widths)[g], prefix[g]) for g in prefix)
+    assert all(torch.equal(rolex.index_sets(ClientTask(0, 0, tier(0.4)), widths)[0][g], prefix[g]) for g in prefix)
 
     # round 0 trains exactly what HeteroFL trains
     _, hetero = started(config(**{"method.name": "heterofl"}))

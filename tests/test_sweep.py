@@ -36,8 +36,8 @@ def test_a_trial_that_dies_continues_from_its_checkpoint_with_the_same_numbers(r
         swept = pd.read_parquet(tmp_path / "sweep" / cfg.name / "rounds.parquet")
         again = pd.read_parquet(tmp_path / "plain" / cfg.name / "rounds.parquet")
         assert swept["round"].tolist() == [0, 1, 2, 3]
-        pd.testing.assert_frame_equal(swept.drop(columns=WALL + ["method_label"]),
-                                      again.drop(columns=WALL + ["method_label"]))
+        pd.testing.assert_frame_equal(swept.drop(columns=WALL + ["method_label", "method_title"]),
+                                      again.drop(columns=WALL + ["method_label", "method_title"]))
     board = leaderboard.build(tmp_path / "sweep")
     assert board["seeds"].tolist() == [2]
     # a new seed added to the same folder runs; the finished seeds are kept as they are
