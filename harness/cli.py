@@ -106,6 +106,7 @@ def cmd_run(args) -> int:
     from harness.validation import validate
 
     experiments, _ = config.load(args.config, args.overrides, args.out)
+    experiments = [config.with_absolute_paths(cfg) for cfg in experiments]
     for cfg in experiments:  # every input error surfaces before anything is written
         validate(cfg)
     summaries, failed = [], 0
@@ -177,6 +178,7 @@ def cmd_sweep(args) -> int:
 
     target = _target(args.target_acc)
     experiments, sweep = config.load(args.config, args.overrides)
+    experiments = [config.with_absolute_paths(cfg) for cfg in experiments]
     for cfg in experiments:
         validate(cfg)
     name = args.name or Path(args.config).stem

@@ -492,3 +492,35 @@ def load(path: str | Path, overrides: list[str] = (), out: str | None = None):
     if out is not None:
         parsed.append(("out", out))
     return expand(raw, parsed)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Paths of this machine
+
+def _path_fields(cfg: ExperimentConfig):
+    """(section, field, value) of every setting that names a file: an npz data set and the traces."""
+    if cfg.data.dataset.startswith("npz:"):
+        yield cfg.data, "dataset", cfg.data.dataset[4:]
+    for name in ("trace", "availability_trace"):
+        if getattr(cfg.devices, name):
+            yield cfg.devices, name, getattr(cfg.devices, name)
+
+
+def with_absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
+    """`cfg` with its files named by absolute paths, so that they are found from any working folder
+    (Tune runs each trial in a folder of its own)."""
+    cfg = cfg.model_copy(deep=True)
+    for section, field, value in _path_fields(cfg):
+        path = str(Path(value).expanduser().resolve())
+        setattr(section, field, f"npz:{path}" if field == "dataset" else path)
+    return cfg
+
+
+def portable(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The resolved config as results record it: without `out` and with files named by their file
+    name only, so that a results folder carries no path of the machine that made it."""
+    cfg = cfg.model_copy(deep=True)
+    for section, field, value in _path_fields(cfg):
+        name = Path(value).name
+        setattr(section, field, f"npz:{name}" if field == "dataset" else name)
+    return cfg.model_dump(mode="json", exclude={"out"})

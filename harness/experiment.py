@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from harness.config import EngineConfig, ExperimentConfig, axis_label, method_params
+from harness.config import EngineConfig, ExperimentConfig, axis_label, method_params, portable
 from harness.availability import round_outcome, sample_size, tiebreak_order
 from harness.cost import client_time
 from harness.data import TEST_SET_SUFFIX, TEST_SETS
@@ -144,8 +144,7 @@ class Experiment:
         last_checkpoint = self.next_round
         try:
             engine.start(self.bench, self.strategy)  # a pool the cluster cannot hold fails before any write
-            # the resolved config, without where it was written (no path of this machine in the results)
-            write_yaml(self.out_dir / "config.yaml", cfg.model_dump(mode="json", exclude={"out"}))
+            write_yaml(self.out_dir / "config.yaml", portable(cfg))
             if self.progress:
                 from tqdm import tqdm
                 bar = tqdm(total=cfg.rounds, initial=self.next_round, desc=cfg.name, unit="round", dynamic_ncols=True)
