@@ -25,8 +25,8 @@ def time_to_target(rounds: pd.DataFrame, target: float) -> float:
 
 def build(root: str | Path, target_acc: float | None = None) -> pd.DataFrame:
     """`target_acc` defaults, per setting, to the lowest best accuracy of any of its runs: the
-    highest accuracy that every run reaches, so time-to-accuracy compares them all."""
-    root = Path(root)
+    highest accuracy that every run reaches, so time-to-accuracy compares them all. `root` is a
+    local folder or a URI."""
     summary = _load(root, "summary")
     summary = summary[summary["status"] == "completed"]
     rounds = _load(root, "rounds")
@@ -70,9 +70,10 @@ def format_table(board: pd.DataFrame) -> str:
     return shown.to_string(index=False)
 
 
-def write(board: pd.DataFrame, path: str | Path) -> Path:
-    from harness.results import write_atomic
+def write(board: pd.DataFrame, path: str | Path) -> Path | str:
+    """The board as CSV at a local path or a URI, written whole; returns where."""
+    from harness import storage
 
-    path = Path(path)
-    write_atomic(path, lambda tmp: board.to_csv(tmp, index=False, float_format="%.6g"))
-    return path
+    where = storage.resolve(path)
+    where.write_bytes(board.to_csv(index=False, float_format="%.6g").encode())
+    return Path(where.path) if where.local else str(where)

@@ -2,11 +2,13 @@
 over seeds) and the running time of each method, one set of PNGs per setting."""
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 
 import numpy as np
 
+from harness import storage
 from harness.leaderboard import _load
 
 
@@ -19,15 +21,22 @@ def _band(curves: list[tuple[np.ndarray, np.ndarray]], points: int = 200):
     return grid, ys.mean(0), ys.min(0), ys.max(0)
 
 
-def plot(root: str | Path, out: str | Path | None = None) -> list[Path]:
+def _save(fig, where: storage.Location) -> Path | str:
+    """The figure as PNG at a local path or a URI, written whole."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    where.write_bytes(buf.getvalue())
+    return Path(where.path) if where.local else str(where)
+
+
+def plot(root: str | Path, out: str | Path | None = None) -> list[Path | str]:
+    """Figures of the results under `root` (a folder or a URI), into `out` (default: root/plots)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    root = Path(root)
-    out = Path(out) if out else root / "plots"
-    out.mkdir(parents=True, exist_ok=True)
+    out = storage.resolve(out) if out else storage.resolve(root) / "plots"
     summary = _load(root, "summary")
     rounds = _load(root, "rounds")
     rounds = rounds[rounds["experiment"].isin(summary["experiment"])].sort_values(["experiment", "round"])
@@ -53,10 +62,8 @@ def plot(root: str | Path, out: str | Path | None = None) -> list[Path]:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
             fig.tight_layout()
-            path = out / f"{stem}_{name}.png"
-            fig.savefig(path, dpi=120)
+            written.append(_save(fig, out / f"{stem}_{name}.png"))
             plt.close(fig)
-            written.append(path)
         totals = summary[summary["setting"] == setting].groupby("method_label")
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
         for ax, col, label in ((axes[0], "sim_total_s", "simulated running time (s)"),
@@ -68,8 +75,6 @@ def plot(root: str | Path, out: str | Path | None = None) -> list[Path]:
             ax.grid(axis="y", alpha=0.3)
         fig.suptitle(f"running time, {title}", fontsize=10)
         fig.tight_layout()
-        path = out / f"{stem}_running_time.png"
-        fig.savefig(path, dpi=120)
+        written.append(_save(fig, out / f"{stem}_running_time.png"))
         plt.close(fig)
-        written.append(path)
     return written

@@ -64,6 +64,9 @@ def connect(include_dashboard: bool = False) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
     else:
+        # Token authentication on, said once in the README rather than warned about on every run
+        # (Ray keeps the token in ~/.ray/auth_token, or where RAY_AUTH_TOKEN_PATH says).
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
         ray.init(include_dashboard=include_dashboard, dashboard_host="127.0.0.1", **kwargs)
 
 

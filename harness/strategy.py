@@ -7,8 +7,9 @@
 - aggregate: how the server combines the results, in the fixed order of the client ids;
 - evaluate: how each client's model is evaluated.
 
-A method never touches Ray and the engine never branches on a method. Methods are plugins found
-through the `fedbench.methods` entry-point group (see pyproject.toml).
+A method never touches Ray and the engine never branches on a method. The built-in methods are
+listed in BUILTIN_METHODS; other methods are plugins found through the `fedbench.methods`
+entry-point group (see pyproject.toml) or named by import path.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import functools
 import importlib
 import math
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -137,9 +138,18 @@ class Strategy:
         return [execute(self, broadcast, t) for t in tasks]
 
 
+# The built-in methods, found without package metadata (code shipped with `ray job submit
+# --working-dir .` or py_modules); entry points add third-party ones.
+BUILTIN_METHODS = {"fedavg": "baselines.fedavg:FedAvg", "heterofl": "baselines.heterofl:HeteroFL",
+                   "fedrolex": "baselines.fedrolex:FedRolex", "prunefl": "baselines.prunefl:PruneFL",
+                   "fedlps": "fedlps.strategy:FedLPS"}
+
+
 @functools.cache
 def _methods() -> dict[str, Any]:
-    return {ep.name: ep for ep in entry_points(group="fedbench.methods")}
+    found = {ep.name: ep for ep in entry_points(group="fedbench.methods")}
+    found.update({name: EntryPoint(name, value, "fedbench.methods") for name, value in BUILTIN_METHODS.items()})
+    return found
 
 
 def available_methods() -> list[str]:

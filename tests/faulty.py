@@ -37,3 +37,45 @@ class CrashOnceFedAvg(FedAvg):
             marker.write_text("crashed")
             raise RuntimeError("the trial's driver dies here, once")
         return super().aggregate(rnd, results)
+
+
+class Instant(FedAvg):
+    """No training at all: every client returns at once (for tests of the round loop's bookkeeping)."""
+
+    def setup(self, store):
+        self.store = store
+
+    def configure(self, rnd, clients):
+        return None, [None] * len(clients)
+
+    def local_update(self, broadcast, task):
+        from harness.strategy import ClientResult
+
+        return ClientResult(task.client_id, task.round, num_samples=1, train_loss=0.5, train_acc=0.5, flops=1.0,
+                            bytes_up=1, bytes_down=1)
+
+    def aggregate(self, rnd, results):
+        return {}
+
+    def evaluate(self, rnd):
+        import numpy as np
+
+        from harness.strategy import Evaluation
+
+        return Evaluation(client_acc=np.full(len(self.bench.clients), 0.5), acc_global=0.5)
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+class Hostile:
+    """Unpickling this writes a file: stands for code that a pickle runs when it is loaded."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
