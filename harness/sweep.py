@@ -237,15 +237,22 @@ class _Progress:
     def __init__(self, name: str, rounds: dict[str, int], done_before: dict[str, int], stream=None,
                  interval: float | None = None):
         self.name, self.rounds, self.done_before = name, rounds, done_before
-        self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
-        self.interval = interval if interval is not None else (2.0 if self.tty else 15.0)
+        self._stream = stream  # None: sys.stderr when printing (Tune pickles its callbacks)
+        self._interval = interval
         self.start = time.monotonic()
         self.last_print = -math.inf
         self.first: dict[str, int] = {}  # round each trial started from in this run
         self.reached: dict[str, int] = {}  # rounds done per trial
         self.best: tuple[float, str] | None = None
         self.failures = 0
+
+    @property
+    def stream(self):
+        return self._stream or sys.stderr
+
+    @property
+    def interval(self) -> float:
+        return self._interval if self._interval is not None else (2.0 if self.stream.isatty() else 15.0)
 
     def result(self, experiment: str, result: dict[str, Any]) -> None:
         if "round" not in result:
@@ -279,7 +286,7 @@ class _Progress:
             return
         self.last_print = now
         text = self.line(status)
-        if self.tty:
+        if self.stream.isatty():
             self.stream.write("\r\x1b[2K" + text + ("\n" if force else ""))
         else:
             self.stream.write(text + "\n")
