@@ -309,19 +309,31 @@ class SweepProgress(_Callback):
 
     def __init__(self, name: str, rounds: dict[str, int], done_before: dict[str, int]):
         self.progress = _Progress(name, rounds, done_before)
+        self.node: dict[str, str] = {}  # where each trial reported from last
 
     def on_step_end(self, iteration, trials, **info):
         self.progress.show(_status(trials))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        self.progress.result(trial.config["experiment"], result)
+        name = trial.config["experiment"]
+        if name not in self.progress.first and result.get("resumed_from_round"):
+            self._say(f"{name} continues from its checkpoint at round {result['resumed_from_round']} on node "
+                      f"{result.get('node_ip', '?')}")
+        self.progress.result(name, result)
+        self.node[name] = result.get("node_ip", "?")
 
     def on_trial_recover(self, iteration, trials, trial, **info):
+        name = trial.config["experiment"]
         self.progress.failures += 1
-        self.progress.reached.pop(trial.config["experiment"], None)
-        self.progress.first.pop(trial.config["experiment"], None)
-        print(f"\nsweep {self.progress.name}: trial {trial.config['experiment']} failed and is retried from its "
-              f"last checkpoint: {_last_error(trial)}", file=self.progress.stream, flush=True)
+        self.progress.reached.pop(name, None)
+        self.progress.first.pop(name, None)
+        self._say(f"trial {name} failed on node {self.node.get(name, '?')} and is retried from its last "
+                  f"checkpoint: {_last_error(trial)}")
+
+    def _say(self, text: str) -> None:
+        stream = self.progress.stream
+        stream.write(("\n" if stream.isatty() else "") + f"sweep {self.progress.name}: {text}\n")
+        stream.flush()
 
     def on_experiment_end(self, trials, **info):
         self.progress.show(_status(trials), force=True)

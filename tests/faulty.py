@@ -79,3 +79,20 @@ class Hostile:
 
     def __reduce__(self):
         return (open, (self.marker, "w"))
+
+
+class SlowParams(MethodParams):
+    round_s: float = 1.0
+
+
+class SlowFedAvg(FedAvg):
+    """FedAvg whose server takes `round_s` seconds more per round (the same numbers, slower): leaves
+    time to kill a node in the middle of a run."""
+
+    Params = SlowParams
+
+    def aggregate(self, rnd, results):
+        import time
+
+        time.sleep(self.params.round_s)
+        return super().aggregate(rnd, results)

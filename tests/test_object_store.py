@@ -47,7 +47,8 @@ def test_a_sweep_to_s3_reads_back_like_a_local_one(tmp_path, ray_session, monkey
             cwd=REPO, env=dict(os.environ, **env, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=400)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert (tmp_path / "crashed").exists()  # a trial died at round 2 ...
-        assert "failed and is retried from its last checkpoint" in job.stderr  # ... and continued from the bucket
+        assert "failed on node" in job.stderr and "is retried from its last checkpoint" in job.stderr
+        assert "continues from its checkpoint at round 2" in job.stderr  # ... and continued from the bucket
         stored = keys(fs, "bucket/prefix")
         for name in ("rounds.parquet", "clients.parquet", "summary.parquet", "config.yaml"):
             assert f"s3_1/{name}" in stored and f"s3_2/{name}" in stored
