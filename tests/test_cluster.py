@@ -100,7 +100,7 @@ checkpoint_every: 1
 data: {dataset: mnist-5k, split: {kind: shards, shards_per_client: 2, shard_size: 20}}
 clients: {total: 20, per_round: 4}
 model: {name: cnn}
-method: {name: "tests.faulty:SlowFedAvg", round_s: 1.5}
+method: {name: "tests.faulty:SlowFedAvg", round_s: 1}
 grid: {seed: [1, 2]}
 tune: {max_concurrent_trials: 2, executors_per_trial: 1, cpus_per_executor: 0.5, driver_cpus: 0.25, verbose: 0}
 """
@@ -213,12 +213,14 @@ def test_a_node_killed_mid_sweep_its_trial_continues_elsewhere_with_the_same_row
     assert len(resumed) == 1 and int(resumed[0][1]) >= 1, output[-3000:]
     assert "succeeded" in output
     experiments, _ = load(str(sweep))
-    for cfg in experiments:  # the same experiments, serially in this process
+    for cfg in experiments:  # the same experiments, serially in this process (without the pause)
         serial = cfg.model_copy(update={"out": str(tmp_path / "serial"),
-                                        "engine": cfg.engine.model_copy(update={"backend": "serial"})})
+                                        "engine": cfg.engine.model_copy(update={"backend": "serial"}),
+                                        "method": cfg.method.model_copy(update={"round_s": 0.0})})
         Experiment(serial).run()
     for table, keys in (("rounds", ["experiment", "round"]), ("clients", ["experiment", "round", "client_id"])):
-        wall = [c for c in ("wall_s", "wall_total_s") if c in fs_rows[table]]
+        assert set(fs_rows[table]["method_label"]) == {"tests.faulty:SlowFedAvg-round_s-1"}
+        wall = [c for c in ("wall_s", "wall_total_s", "method_label") if c in fs_rows[table]]
         a = fs_rows[table].drop(columns=wall).sort_values(keys).reset_index(drop=True)
         b = load_rows(tmp_path / "serial", table).drop(columns=wall).sort_values(keys).reset_index(drop=True)
         assert len(a) == (2 * 8 if table == "rounds" else 2 * 8 * 4)

@@ -323,3 +323,18 @@ def test_a_node_death_is_retried_by_default():
     from harness.config import TuneConfig
 
     assert TuneConfig().max_failures >= 1
+
+
+@pytest.mark.slow
+def test_a_local_ray_starts_with_token_auth_and_without_the_notice(tmp_path):
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+    code = ("import ray; from harness.ray_engine import connect; connect(); "
+            "from ray._raylet import get_authentication_mode, AuthenticationMode; "
+            "print('token' if get_authentication_mode() == AuthenticationMode.TOKEN else 'off'); ray.shutdown()")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=180,
+                          env=dict(env, PYTHONPATH=str(REPO)))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "token"  # authentication on ...
+    assert "Token authentication is" not in done.stderr  # ... without a warning on every run
