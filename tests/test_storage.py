@@ -308,6 +308,7 @@ def test_dependency_pins():
     assert "14.0.0" not in deps["pyarrow"].specifier  # CVE-2023-47248
     assert deps["pyarrow"].specifier.contains("14.0.1")
     assert not deps["ray"].specifier.contains("2.51.0")  # no token authentication before 2.52
+    assert not deps["ray"].specifier.contains("2.58.0")  # a local Ray without it by default before 2.59
     assert deps["ray"].specifier.contains("2.60.0")
 
 
