@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from harness.errors import UserError
 
+
 def _skipped(name: str) -> bool:
     """Names that are no experiment's: Tune's folder, the parts of a running experiment, temporary files."""
     return name.startswith(("_", "."))
@@ -67,21 +68,12 @@ class Location:
     def __repr__(self) -> str:
         return f"Location({self.uri!r})"
 
-    def __eq__(self, other) -> bool:
-        return isinstance(other, Location) and (type(self.fs), self.uri) == (type(other.fs), other.uri)
-
-    def __hash__(self) -> int:
-        return hash(self.uri)
-
     # -- reading -------------------------------------------------------------------------------------
     def _info(self) -> pafs.FileInfo:
         return self.fs.get_file_info(self.path)
 
     def exists(self) -> bool:
         return self._info().type != pafs.FileType.NotFound
-
-    def is_file(self) -> bool:
-        return self._info().type == pafs.FileType.File
 
     def children(self) -> list[Location]:
         """The entries of this folder (none if it does not exist)."""

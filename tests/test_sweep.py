@@ -191,3 +191,26 @@ def test_a_sweep_rerun_keeps_finished_runs_new_and_stops_on_a_changed_config(ray
     assert not marker.exists()  # refused, never unpickled
     assert "refused, it holds more than tensors and plain data" in (
         "".join(p.read_text() for p in (copy / "_tune" / "sw").rglob("error.txt")))
+
+
+def test_the_progress_line_counts_trials_and_rounds_and_estimates_the_rest(monkeypatch):
+    import io
+
+    import harness.sweep as sweep
+
+    now = [100.0]
+    monkeypatch.setattr(sweep.time, "monotonic", lambda: now[0])
+    out = io.StringIO()
+    progress = sweep._Progress("qs", {"a": 10, "b": 10, "c": 10}, {"done": 10}, stream=out, interval=5)
+    progress.result("a", {"round": 3, "acc_clients_mean": 0.5, "resumed_from_round": 0})
+    progress.result("b", {"round": 5, "acc_clients_mean": 0.7, "resumed_from_round": 2})
+    now[0] += 60
+    status = {"a": "RUNNING", "b": "RUNNING", "c": "PENDING"}
+    assert progress.line(status) == ("sweep qs: 1/4 done, 2 running, 1 pending, 0 failed | rounds 20/40 | "
+                                     "best acc 0.700 (b) | 1m00s elapsed, ~2m30s left")  # 8 rounds played in a minute
+    progress.show(status)
+    progress.show(status)  # within the interval: not printed again
+    now[0] += 5
+    progress.show({"a": "TERMINATED", "b": "RUNNING", "c": "ERROR"})
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2 and lines[1].startswith("sweep qs: 2/4 done, 1 running, 0 pending, 1 failed")
