@@ -92,7 +92,6 @@ def run_trial(config: dict[str, Any], experiments: dict[str, dict[str, Any]], ch
               env: dict[str, str]) -> None:
     """The Tune trainable: the federated experiment named by the trial's `experiment` parameter,
     continued from its checkpoint under `checkpoints` when there is one."""
-    import ray
     from ray import tune
 
     from harness.experiment import Experiment
@@ -103,17 +102,15 @@ def run_trial(config: dict[str, Any], experiments: dict[str, dict[str, Any]], ch
     cfg = ExperimentConfig.model_validate(experiments[config["experiment"]])
     experiment = Experiment(cfg)
     checkpoint = storage.resolve(checkpoints) / f"{cfg.name}.pt"
-    node = ray.get_runtime_context().get_node_id()
     if checkpoint.exists():
         experiment.restore(loads(checkpoint.read_bytes(), str(checkpoint)))
-        log.warning("experiment %s continues from its checkpoint at round %d on node %s",
-                    cfg.name, experiment.next_round, node)
+        log.warning("experiment %s continues from its checkpoint at round %d", cfg.name, experiment.next_round)
     resumed_from = experiment.next_round
 
     def on_round(row, state):
         if state is not None:
             checkpoint.write_bytes(dumps(state(), f"checkpoint of {cfg.name}"))
-        tune.report({**_metrics(row), "resumed_from_round": resumed_from, "rounds": cfg.rounds})
+        tune.report({**_metrics(row), "resumed_from_round": resumed_from})
 
     experiment.on_round = on_round
     experiment.run()

@@ -1,7 +1,7 @@
 """A test-only strategy, loaded by import path (method.name: tests.faulty:FailingFedAvg)."""
 
 from baselines.fedavg import FedAvg
-from harness.strategy import MethodParams
+from harness.strategy import MethodParams, Strategy
 
 
 class FailingParams(MethodParams):
@@ -39,11 +39,8 @@ class CrashOnceFedAvg(FedAvg):
         return super().aggregate(rnd, results)
 
 
-class Instant(FedAvg):
+class Instant(Strategy):
     """No training at all: every client returns at once (for tests of the round loop's bookkeeping)."""
-
-    def setup(self, store):
-        self.store = store
 
     def configure(self, rnd, clients):
         return None, [None] * len(clients)
@@ -63,12 +60,6 @@ class Instant(FedAvg):
         from harness.strategy import Evaluation
 
         return Evaluation(client_acc=np.full(len(self.bench.clients), 0.5), acc_global=0.5)
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
 
 
 class Hostile:
