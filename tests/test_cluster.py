@@ -45,8 +45,9 @@ def ray_head():
     env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", RAY_USAGE_STATS_ENABLED="0")
     env.pop("RAY_ADDRESS", None)
     log = open(Path(temp) / "head.log", "w")
+    # 127.0.0.2: Ray replaces 127.0.0.1 by the machine's outward address; the rest of loopback it keeps
     head = subprocess.Popen(
-        [str(ray), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
+        [str(ray), "start", "--head", "--block", "--node-ip-address=127.0.0.2", f"--port={free_port()}",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
          f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
          f"--metrics-export-port={free_port()}", "--num-cpus=2", f"--temp-dir={temp}"],
