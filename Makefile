@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 OUT ?= results/quickstart
 
-.PHONY: run test bench clean
+.PHONY: run test test-fast bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,9 @@ run: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest
+
+test-fast: $(BIN)/.installed   # without the slow end-to-end tests (clusters, object store, reruns)
+	$(BIN)/python -m pytest -m "not slow"
 
 bench: $(BIN)/.installed
 	$(BIN)/fedbench bench

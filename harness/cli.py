@@ -27,7 +27,10 @@ def _add_run(sub):
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, dotted (e.g. --set method.name=heterofl --set rounds=5); "
                         "on a key that the grid varies it replaces that axis by the one value")
-    p.add_argument("--out", help="output folder (default: the config's `out`, results/runs)")
+    p.add_argument("--out", help="output folder or URI such as s3://bucket/prefix (default: the config's `out`, "
+                                 "results/runs)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace experiment folders that exist already (their files are removed first)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -63,13 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run every grid point of FILE as one Ray Tune trial; each trial reserves a placement group "
                     "of [driver bundle] + [executor bundle] x tune.executors_per_trial. Running it again on the same "
                     "output folder (or with --resume) continues an interrupted sweep: finished trials are kept, "
-                    "unfinished ones continue from their last checkpoint. Ends with the leaderboard (CSV) and plots.")
+                    "unfinished ones continue from their last checkpoint, new grid points run, and a changed "
+                    "experiment config stops it (exit 2). Ends with the leaderboard (CSV) and plots.")
     sw.add_argument("config", help="YAML sweep file (base experiment + grid + tune settings)")
     sw.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a key of the base experiment or replace a grid axis, as for `run`")
-    sw.add_argument("--out", help="output folder (default: results/<sweep name>)")
+    sw.add_argument("--out", help="output folder or URI such as s3://bucket/prefix or gs://bucket/prefix "
+                                  "(default: results/<sweep name>)")
     sw.add_argument("--name", help="sweep name (default: the file's name without .yaml)")
-    sw.add_argument("--resume", action="store_true", help="require an earlier run of this sweep to resume")
+    sw.add_argument("--resume", action="store_true",
+                    help="resume an earlier run of this sweep; required for a folder made by another user, on "
+                         "another machine or at another location (resuming loads its saved state)")
+    sw.add_argument("--plots-dir", help="local folder for the plots (default: <out>/plots)")
     sw.add_argument("--target-acc", type=float, help="target accuracy for the leaderboard's time-to-accuracy")
     lb = sub.add_parser("leaderboard", help="one row per (setting, method) over seeds, best first",
                         description="Read every finished experiment under DIR and print one row per (setting, "
@@ -78,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "sets where recorded), final and best accuracy, simulated time to the target "
                                     "accuracy, total simulated time, FLOPs, MB up and down, wall time. The CSV holds "
                                     "every column (results/README.md).")
-    lb.add_argument("dir", help="results folder (of `fedbench run` or `fedbench sweep`)")
+    lb.add_argument("dir", help="results folder or URI (of `fedbench run` or `fedbench sweep`)")
     lb.add_argument("-o", "--output", help="write the leaderboard as CSV here (default: DIR/leaderboard.csv)")
     lb.add_argument("--target-acc", type=float,
                     help="accuracy (fraction) for time-to-target; default: per setting, the lowest best accuracy "
@@ -93,14 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plot", help="PNG figures: accuracy vs simulated time and vs round, running time",
                         description="Write, per setting, accuracy against simulated time and against round (a line "
                                     "per method, a band over seeds) and a bar chart of running time.")
-    pl.add_argument("dir", help="results folder")
-    pl.add_argument("-o", "--output", help="folder for the PNG files (default: DIR/plots)")
+    pl.add_argument("dir", help="results folder or URI")
+    pl.add_argument("-o", "--output", "--plots-dir", dest="output",
+                    help="folder (or URI) for the PNG files (default: DIR/plots)")
     sub.add_parser("methods", help="list the available methods and their parameters")
     return parser
 
 
 def cmd_run(args) -> int:
-    from harness import config
+    from harness import config, storage
     from harness.experiment import Experiment
     from harness.report import print_summary
     from harness.validation import validate
@@ -109,8 +118,17 @@ def cmd_run(args) -> int:
     experiments = [config.with_absolute_paths(cfg) for cfg in experiments]
     for cfg in experiments:  # every input error surfaces before anything is written
         validate(cfg)
+    folders = {cfg.name: storage.resolve(cfg.out) / cfg.name for cfg in experiments}
+    existing = [str(f) for f in folders.values() if f.exists()]
+    if existing and not args.overwrite:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise UserError(existing[0], f"exists already{more}; pass --overwrite to replace, or use another --out")
     summaries, failed = [], 0
     for cfg in experiments:
+        # --overwrite: the old files go first, the summary before the rest, so a failed rerun never
+        # leaves new rows beside an old summary and no half-removed folder counts as finished
+        (folders[cfg.name] / "summary.parquet").delete()
+        folders[cfg.name].delete()
         try:
             summaries.append(Experiment(cfg, progress=not args.quiet).run())
         except UserError:
@@ -120,7 +138,7 @@ def cmd_run(args) -> int:
             log.error("experiment %s failed: %s: %s", cfg.name, type(e).__name__, e, exc_info=log.isEnabledFor(logging.INFO))
             print(f"fedbench: experiment {cfg.name} failed: {type(e).__name__}: {e}", file=sys.stderr)
     if summaries:
-        print_summary(summaries, Path(experiments[0].out))
+        print_summary(summaries, experiments[0].out)
     return 1 if failed else 0
 
 
@@ -160,19 +178,19 @@ def _target(value: float | None) -> float | None:
     return value
 
 
-def _report(folder: Path, output: str | None, target: float | None) -> None:
+def _report(folder, output: str | None, target: float | None, plots_dir: str | None = None) -> None:
     from harness import leaderboard
     from harness.plots import plot
 
     board = leaderboard.build(folder, target)
     print(leaderboard.format_table(board))
     csv = leaderboard.write(board, output or folder / "leaderboard.csv")
-    figures = plot(folder)
+    figures = plot(folder, plots_dir)
     print(f"\nleaderboard: {csv}\nplots: {', '.join(str(f) for f in figures)}")
 
 
 def cmd_sweep(args) -> int:
-    from harness import config
+    from harness import config, storage
     from harness.sweep import SweepFailed, SweepInterrupted, run_sweep
     from harness.validation import validate
 
@@ -182,30 +200,35 @@ def cmd_sweep(args) -> int:
     for cfg in experiments:
         validate(cfg)
     name = args.name or Path(args.config).stem
-    out = Path(args.out or Path("results") / name)
+    try:
+        config.check_name(name)
+    except ValueError as e:
+        raise UserError("--name" if args.name else str(args.config), f"sweep name {name!r}: {e}") from None
+    out = storage.resolve(args.out or Path("results") / name)
     failed = None
     try:
-        run_sweep(experiments, sweep, out, name, resume=True if args.resume else None)
+        run_sweep(experiments, sweep, out, name, resume=args.resume)
     except SweepFailed as e:
         failed = e
         print(f"fedbench: {e}", file=sys.stderr)
     except SweepInterrupted as e:
         print(f"fedbench: {e}", file=sys.stderr)
         return 130
-    _report(out, None, target)
+    _report(out, None, target, args.plots_dir)
     return 1 if failed else 0
 
 
 def cmd_leaderboard(args) -> int:
-    from harness import leaderboard
+    from harness import leaderboard, storage
 
     board = leaderboard.build(args.dir, _target(args.target_acc), args.baseline)
     table = leaderboard.claims(args.dir, args.claims) if args.claims is not None else None
     print(leaderboard.format_table(board))
-    written = [leaderboard.write(board, args.output or Path(args.dir) / "leaderboard.csv")]
+    root = storage.resolve(args.dir)
+    written = [leaderboard.write(board, args.output or root / "leaderboard.csv")]
     if table is not None:
         print("\n" + leaderboard.format_claims(table))
-        written.append(leaderboard.write(table, Path(args.dir) / "claims.csv"))
+        written.append(leaderboard.write(table, root / "claims.csv"))
     print(f"\nwritten: {', '.join(map(str, written))}")
     return 0
 

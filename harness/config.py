@@ -209,9 +209,17 @@ class ExperimentConfig(Strict):
     @field_validator("name")
     @classmethod
     def _slug(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9._-]+", v):
-            raise ValueError("use letters, digits, '.', '_' and '-' only")
-        return v
+        return check_name(v)
+
+
+def check_name(v: str) -> str:
+    """A name that is one folder of its own under the output folder: not '.', '..', nor a name
+    starting with '_' or '.' (Tune's `_tune`, running experiments' parts, hidden files)."""
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", v):
+        raise ValueError("use letters, digits, '.', '_' and '-' only")
+    if v.startswith((".", "_")):
+        raise ValueError(f"{v!r} is reserved: a name must not start with '.' or '_'")
+    return v
 
 
 class TuneConfig(Strict):
@@ -223,7 +231,8 @@ class TuneConfig(Strict):
     cpus_per_executor: float = Field(1.0, gt=0)
     gpus_per_executor: float = Field(0.0, ge=0)
     driver_cpus: float = Field(0.25, gt=0, description="the trial's own process: aggregation and evaluation")
-    max_failures: int = Field(0, ge=0, description="retries of a failed trial (from its last checkpoint)")
+    max_failures: int = Field(2, ge=0, description="retries of a failed trial (from its last checkpoint), e.g. "
+                                                   "after its node died")
     verbose: int = Field(1, ge=0, le=3)
 
 

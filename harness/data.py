@@ -188,6 +188,10 @@ def _shards(labels: np.ndarray, split: SplitConfig, num_clients: int, gen: np.ra
 
 def _dirichlet(labels: np.ndarray, split: SplitConfig, num_clients: int, gen: np.random.Generator):
     min_size = 2
+    if num_clients * min_size > len(labels):  # no draw can succeed: say so now, not after 1000 draws
+        raise ConfigError("clients.total", f"a Dirichlet split gives each client at least {min_size} images, so "
+                                           f"the {len(labels)} training images allow at most "
+                                           f"{len(labels) // min_size} clients, not {num_clients}")
     classes = np.unique(labels)
     for _ in range(1000):
         parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]

@@ -16,7 +16,7 @@ import torch
 
 from harness.batched import GraphCache, train_jobs
 from harness.records import ClientResult, ClientTask
-from harness.training import LocalJob, threads, torch_threads, train_alone
+from harness.training import LocalJob, threads, torch_threads, train_one
 
 
 class Engine(Protocol):
@@ -82,7 +82,7 @@ class ClientRunner:
     def run_one(self, broadcast, task: ClientTask) -> ClientResult:
         try:
             job = self.strategy.local_job(broadcast, task)
-            train_alone(job, self.bench.loaded(job))
+            train_one(job, self.bench.loaded)
         except Exception as e:  # noqa: BLE001
             return failed_result(task, e)
         return self._result(broadcast, task, job)

@@ -18,8 +18,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from harness.config import EngineConfig, ExperimentConfig, axis_label, method_params, portable
+from harness import storage
 from harness.availability import round_outcome, sample_size, tiebreak_order
+from harness.config import EngineConfig, ExperimentConfig, axis_label, method_params, portable
 from harness.cost import client_time
 from harness.data import TEST_SET_SUFFIX, TEST_SETS
 from harness.engine import Engine, SerialEngine
@@ -33,6 +34,8 @@ from harness.workbench import Workbench
 
 log = logging.getLogger(__name__)
 
+CLIENT_PARTS = "_clients"  # clients.parquet in parts while the experiment runs
+FLUSH_EVERY_S = 10.0  # rounds.parquet and the next part of clients.parquet, while it runs
 RoundCallback = Callable[[dict[str, Any], Callable[[], dict[str, Any]] | None], None]
 
 
@@ -99,14 +102,15 @@ class Experiment:
     def __init__(self, cfg: ExperimentConfig, *, engine=None, progress: bool = False,
                  on_round: RoundCallback | None = None):
         self.cfg = cfg
-        self.out_dir = Path(cfg.out).expanduser() / cfg.name
+        self.out_dir = storage.resolve(cfg.out) / cfg.name
         self.bench = Workbench(cfg)
         method = method_class(cfg.method.name)
         self.strategy = method(self.bench, method_params(cfg))
         self.round_columns = declared_columns("round", cfg.method.name)
         self.client_columns = declared_columns("client", cfg.method.name)
-        self.store = (DiskStore(self.out_dir / "client_state.sqlite") if cfg.engine.state_store == "disk"
-                      else MemoryStore())
+        self.rounds_schema = with_columns(ROUNDS, self.round_columns)
+        self.clients_schema = with_columns(CLIENTS, self.client_columns)
+        self.store = DiskStore() if cfg.engine.state_store == "disk" else MemoryStore()
         self.strategy.setup(self.store)
         self.engine = engine
         self.progress = progress
@@ -117,22 +121,30 @@ class Experiment:
                              model=self.bench.model_name, seed=cfg.seed)
         self.next_round = 0
         self.rounds: list[dict[str, Any]] = []
-        self.clients: list[dict[str, Any]] = []
+        self.clients: list[dict[str, Any]] = []  # rows not yet in a part of clients.parquet
+        self.client_parts = 0  # parts written: <experiment>/_clients/part-000000.parquet, ...
         self.totals = dict(sim=0.0, flops=0.0, up=0, down=0, wall=0.0)
 
     # -- checkpoints -------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
+        """Tensors and plain data only (harness.state.dumps). Client rows already written as parts
+        are counted, not copied."""
         return {"config": self.cfg.model_dump(mode="json"), "next_round": self.next_round,
                 "strategy": self.strategy.state_dict(), "store": self.store.export(),
-                "rounds": list(self.rounds), "clients": list(self.clients), "totals": dict(self.totals)}
+                "rounds": list(self.rounds), "clients": list(self.clients), "client_parts": self.client_parts,
+                "totals": dict(self.totals)}
 
     def restore(self, state: dict[str, Any]) -> None:
-        if state["config"] != self.cfg.model_dump(mode="json"):
+        def comparable(config):  # the folder may have moved since (a copied results folder)
+            return {k: v for k, v in config.items() if k != "out"}
+
+        if comparable(state["config"]) != comparable(self.cfg.model_dump(mode="json")):
             raise ValueError(f"checkpoint of experiment {self.cfg.name} was made with another config")
         self.next_round = state["next_round"]
         self.strategy.load_state_dict(state["strategy"])
         self.store.restore(state["store"])
         self.rounds, self.clients = list(state["rounds"]), list(state["clients"])
+        self.client_parts = state["client_parts"]
         self.totals = dict(state["totals"])
 
     # -- the loop ----------------------------------------------------------------------------------
@@ -144,6 +156,7 @@ class Experiment:
         last_checkpoint = self.next_round
         try:
             engine.start(self.bench, self.strategy)  # a pool the cluster cannot hold fails before any write
+            self._clear_stale()
             write_yaml(self.out_dir / "config.yaml", portable(cfg))
             if self.progress:
                 from tqdm import tqdm
@@ -162,7 +175,7 @@ class Experiment:
                     if row is not None:
                         bar.set_postfix_str(f"acc={row['acc_clients_mean']:.3f} sim={self.totals['sim']:.1f}s")
                     bar.update(1)
-                if time.monotonic() - last_flush > 10:
+                if time.monotonic() - last_flush > FLUSH_EVERY_S:
                     self._flush()
                     last_flush = time.monotonic()
         finally:
@@ -170,7 +183,11 @@ class Experiment:
                 bar.close()
             if owns_engine:
                 engine.close()
+            self.store.close()
         self._flush()
+        parts = self._parts()
+        storage.merge_parquet(parts, self.out_dir / "clients.parquet", self.clients_schema)
+        (self.out_dir / CLIENT_PARTS).delete()
         return self._summary()
 
     def _play_round(self, engine, rnd: int) -> dict[str, Any] | None:
@@ -236,8 +253,27 @@ class Experiment:
         return row
 
     def _flush(self) -> None:
-        write_table(self.out_dir / "rounds.parquet", self.rounds, with_columns(ROUNDS, self.round_columns))
-        write_table(self.out_dir / "clients.parquet", self.clients, with_columns(CLIENTS, self.client_columns))
+        """rounds.parquet whole (one row per evaluated round); the client rows since the last flush as
+        the next part of clients.parquet, so a long run never rewrites a growing file."""
+        write_table(self.out_dir / "rounds.parquet", self.rounds, self.rounds_schema)
+        if self.clients:
+            write_table(self.out_dir / CLIENT_PARTS / f"part-{self.client_parts:06d}.parquet", self.clients,
+                        self.clients_schema)
+            self.client_parts += 1
+            self.clients = []
+
+    def _parts(self) -> list[storage.Location]:
+        return [self.out_dir / CLIENT_PARTS / f"part-{k:06d}.parquet" for k in range(self.client_parts)]
+
+    def _clear_stale(self) -> None:
+        """Before (re)starting: no summary of an earlier attempt beside new rows, and no client parts
+        beyond those this run's state counts (written after the checkpoint it continues from)."""
+        (self.out_dir / "summary.parquet").delete()
+        (self.out_dir / "clients.parquet").delete()
+        keep = {p.name for p in self._parts()}
+        for part in (self.out_dir / CLIENT_PARTS).children():
+            if part.name not in keep:
+                part.delete()
 
     def _summary(self) -> dict[str, Any]:
         rounds, totals = self.rounds, self.totals

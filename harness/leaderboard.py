@@ -164,7 +164,8 @@ def _delta_stats(runs: pd.DataFrame, base: pd.DataFrame) -> dict:
 def build(root: str | Path, target_acc: float | None = None, baseline: str | None = None) -> pd.DataFrame:
     """`target_acc` defaults, per setting, to the lowest best accuracy of any of its runs: the
     highest accuracy that every run reaches, so time-to-accuracy compares them all. With `baseline`
-    (a method label, title or name), every row also gets its paired differences against it."""
+    (a method label, title or name), every row also gets its paired differences against it. `root` is
+    a local folder or a URI."""
     summary, rounds = _runs(root)
     base_label = resolve(summary, baseline, "--baseline", single=True)[0] if baseline is not None else None
     rows = []
@@ -312,9 +313,10 @@ def format_claims(table: pd.DataFrame) -> str:
     return "\n\n".join(blocks)
 
 
-def write(board: pd.DataFrame, path: str | Path) -> Path:
-    from harness.results import write_atomic
+def write(board: pd.DataFrame, path: str | Path) -> Path | str:
+    """The board as CSV at a local path or a URI, written whole; returns where."""
+    from harness import storage
 
-    path = Path(path)
-    write_atomic(path, lambda tmp: board.to_csv(tmp, index=False, float_format="%.6g"))
-    return path
+    where = storage.resolve(path)
+    where.write_bytes(board.to_csv(index=False, float_format="%.6g").encode())
+    return Path(where.path) if where.local else str(where)

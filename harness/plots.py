@@ -6,12 +6,14 @@ split, clients and model (`setting_title` and the model), legends the methods (`
 paper's figure would; results without those columns fall back to the setting and method labels."""
 from __future__ import annotations
 
+import io
 import math
 import re
 from pathlib import Path
 
 import numpy as np
 
+from harness import storage
 from harness.leaderboard import _load, mean_ci, t975
 
 MODEL_NAMES = {"cnn": "CNN", "vgg11": "VGG-11", "vgg13": "VGG-13", "resnet18": "ResNet-18"}
@@ -41,9 +43,9 @@ def _titles(frame, column: str, fallback: str) -> dict[str, str]:
     return out
 
 
-def figures(root: str | Path):
-    """Yields (file name, matplotlib Figure) for every figure of the results under `root`; the
-    caller closes each figure."""
+def figures(root):
+    """Yields (file name, matplotlib Figure) for every figure of the results under `root` (a folder or
+    a URI); the caller closes each figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -107,15 +109,18 @@ def figures(root: str | Path):
         yield f"{stem}_running_time.png", fig
 
 
-def plot(root: str | Path, out: str | Path | None = None) -> list[Path]:
+def plot(root, out=None) -> list[Path | str]:
+    """Every figure of the results under `root` as PNG into `out` (a folder or a URI; default
+    root/plots), each written whole."""
     import matplotlib.pyplot as plt
 
-    out = Path(out) if out else Path(root) / "plots"
-    out.mkdir(parents=True, exist_ok=True)
+    out = storage.resolve(out) if out else storage.resolve(root) / "plots"
     written = []
     for name, fig in figures(root):
-        path = out / name
-        fig.savefig(path, dpi=120)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=120)
+        where = out / name
+        where.write_bytes(buf.getvalue())
+        written.append(Path(where.path) if where.local else str(where))
         plt.close(fig)
-        written.append(path)
     return written

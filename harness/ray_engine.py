@@ -67,7 +67,16 @@ def connect(include_dashboard: bool = False) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
     else:
-        ray.init(include_dashboard=include_dashboard, dashboard_host="127.0.0.1", **kwargs)
+        # A local Ray has token authentication on (Ray >= 2.59; the token in ~/.ray/auth_token, or
+        # where RAY_AUTH_TOKEN_PATH says). The README explains it once; Ray's notice about it is not
+        # repeated on every run.
+        notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
+        level = notice.level
+        notice.setLevel(logging.ERROR)
+        try:
+            ray.init(include_dashboard=include_dashboard, dashboard_host="127.0.0.1", **kwargs)
+        finally:
+            notice.setLevel(level)
 
 
 def _capacity() -> tuple[float, float, str]:

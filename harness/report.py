@@ -21,6 +21,6 @@ def summary_frame(summaries: list[dict]) -> pd.DataFrame:
     })
 
 
-def print_summary(summaries: list[dict], out: Path) -> None:
+def print_summary(summaries: list[dict], out: str | Path) -> None:
     print(summary_frame(summaries).to_string(index=False))
     print(f"\nresults: {out}/<experiment>/{{rounds,clients,summary}}.parquet")

@@ -1,16 +1,15 @@
 """Parquet results: schemas (results/README.md documents every column), atomic writes.
 
-Every experiment folder holds rounds.parquet, clients.parquet, summary.parquet and config.yaml. The
-harness's columns below are the same for every method; methods add their own columns
-(Strategy.client_columns, round_columns), and every file holds those of all registered methods
-(null where a method has none), so a folder of experiments is one dataset:
-`pd.read_parquet(list_of_files)`, `pl.read_parquet("DIR/*/rounds.parquet")` or DuckDB's
+Every experiment folder holds rounds.parquet, clients.parquet, summary.parquet and config.yaml, in a
+local folder or under a URI (harness/storage.py). The harness's columns below are the same for every
+method; methods add their own columns (Strategy.client_columns, round_columns), and every file holds
+those of all registered methods (null where a method has none), so a folder of experiments is one
+dataset: `pd.read_parquet(list_of_files)`, `pl.read_parquet("DIR/*/rounds.parquet")` or DuckDB's
 `read_parquet('DIR/*/rounds.parquet')`.
 """
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
+
+from harness import storage
 
 S, I, F = pa.string(), pa.int64(), pa.float64()
 
@@ -62,35 +63,22 @@ def with_columns(schema: pa.Schema, extra: dict[str, pa.DataType]) -> pa.Schema:
     return pa.schema(list(schema) + [pa.field(n, t) for n, t in extra.items()])
 
 
-def write_atomic(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_table(path: Path, rows: list[dict[str, Any]], schema: pa.Schema) -> None:
+def write_table(path: str | Path | storage.Location, rows: list[dict[str, Any]], schema: pa.Schema) -> None:
+    """Rows as one Parquet file, written whole (storage.Location.write_bytes)."""
     columns = {f.name: [r.get(f.name) for r in rows] for f in schema}
     table = pa.Table.from_pydict(columns, schema=schema)
-    write_atomic(path, lambda tmp: pq.write_table(table, tmp))
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    storage.resolve(path).write_bytes(buf.getvalue())
 
 
-def write_yaml(path: Path, data: dict[str, Any]) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            yaml.safe_dump(data, f, sort_keys=False)
-    write_atomic(path, write)
+def write_yaml(path: str | Path | storage.Location, data: dict[str, Any]) -> None:
+    storage.resolve(path).write_bytes(yaml.safe_dump(data, sort_keys=False).encode())
 
 
-def load(root: str | Path, table: str = "rounds") -> pd.DataFrame:
+def load(root: str | Path | storage.Location, table: str = "rounds") -> pd.DataFrame:
     """All experiments' `table` ('rounds', 'clients' or 'summary') under `root`, as one frame."""
-    files = sorted(Path(root).glob(f"**/{table}.parquet"))
+    files = storage.resolve(root).find(f"{table}.parquet")
     if not files:
         raise FileNotFoundError(f"no {table}.parquet under {root}")
-    return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    return pd.concat([storage.read_parquet(f) for f in files], ignore_index=True)

@@ -2,36 +2,75 @@
 arms, ...), for thousands of clients.
 
 Values are stored serialised (torch.save of the value), so only bytes are held: in memory by default,
-or in one SQLite file on disk (`engine.state_store: disk`). Each client has separate namespaces for
-the state that travels with its task ("client") and the state the server keeps about it.
+or in one SQLite file on disk (`engine.state_store: disk`), in a temporary folder of the process that
+runs the experiment: every run starts empty and a checkpoint carries the store's content. Each client
+has separate namespaces for the state that travels with its task ("client") and the state the server
+keeps about it.
+
+Stored values and checkpoints hold tensors and plain data only (None, bool, int, float, str, bytes,
+lists, tuples, dicts), so `torch.load(weights_only=True)` reads them and never runs pickled code:
+`dumps` refuses anything else, `loads` refuses to unpickle anything else.
 """
 from __future__ import annotations
 
+import collections
 import io
+import pickle
+import shutil
 import sqlite3
+import tempfile
+import weakref
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
+_SCALARS = (type(None), bool, int, float, str, bytes, torch.dtype, torch.device, torch.Size)
 
-def _dump(value: Any) -> bytes:
+
+def check_plain(value: Any, where: str = "state") -> None:
+    """Raise TypeError naming the first part of `value` that is not a tensor or plain data."""
+    stack = [(value, where)]
+    while stack:
+        v, at = stack.pop()
+        if isinstance(v, _SCALARS) or isinstance(v, torch.Tensor):
+            continue
+        if type(v) in (dict, collections.OrderedDict):
+            for k, item in v.items():
+                if not isinstance(k, (str, int)):
+                    raise TypeError(f"{at} has a key of type {type(k).__name__}; keys must be str or int")
+                stack.append((item, f"{at}.{k}"))
+        elif type(v) in (list, tuple):
+            stack.extend((item, f"{at}[{i}]") for i, item in enumerate(v))
+        else:
+            raise TypeError(f"{at} is a {type(v).__module__}.{type(v).__qualname__}; state must hold tensors and "
+                            f"plain data (None, bool, int, float, str, bytes, list, tuple, dict) only")
+
+
+def dumps(value: Any, where: str = "state") -> bytes:
+    """`value` (tensors and plain data) as bytes that torch.load(weights_only=True) reads."""
+    check_plain(value, where)
     buf = io.BytesIO()
     torch.save(value, buf)
     return buf.getvalue()
 
 
-def _load(blob: bytes) -> Any:
-    return torch.load(io.BytesIO(blob), weights_only=False)
+def loads(blob: bytes, where: str = "state") -> Any:
+    """The value of `dumps`; anything that would need arbitrary unpickling is refused."""
+    try:
+        return torch.load(io.BytesIO(blob), weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{where}: refused, it holds more than tensors and plain data ({first})") from None
 
 
 class StateStore:
     def get(self, client_id: int, namespace: str = "client") -> Any:
         blob = self._get(namespace, client_id)
-        return None if blob is None else _load(blob)
+        return None if blob is None else loads(blob, f"state of client {client_id} ({namespace})")
 
     def put(self, client_id: int, value: Any, namespace: str = "client") -> None:
-        self._put(namespace, client_id, _dump(value))
+        self._put(namespace, client_id, dumps(value, f"state of client {client_id} ({namespace})"))
 
     def nbytes(self) -> int:
         return sum(len(b) for _, _, b in self.items())
@@ -50,6 +89,9 @@ class StateStore:
     def _put(self, namespace: str, client_id: int, blob: bytes) -> None: ...
     def items(self) -> Iterator[tuple[str, int, bytes]]: ...
     def clear(self) -> None: ...
+
+    def close(self) -> None:
+        """Release what the store holds (the disk store's temporary folder)."""
 
 
 class MemoryStore(StateStore):
@@ -71,10 +113,18 @@ class MemoryStore(StateStore):
 
 
 class DiskStore(StateStore):
-    def __init__(self, path: str | Path):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path))
-        self._db.execute("CREATE TABLE IF NOT EXISTS state (ns TEXT, cid INTEGER, blob BLOB, PRIMARY KEY (ns, cid))")
+    """One SQLite file in a new temporary folder (removed with the store): it starts empty, so a
+    run never picks up another run's state; `restore` fills it from a checkpoint."""
+
+    def __init__(self, folder: str | Path | None = None):
+        self.folder = Path(tempfile.mkdtemp(prefix="fedbench-state-", dir=folder))
+        self.path = self.folder / "client_state.sqlite"
+        self._db = sqlite3.connect(str(self.path))
+        self._db.execute("CREATE TABLE state (ns TEXT, cid INTEGER, blob BLOB, PRIMARY KEY (ns, cid))")
+        self._cleanup = weakref.finalize(self, _remove, self._db, self.folder)
+
+    def close(self) -> None:
+        self._cleanup()
 
     def _get(self, namespace, client_id):
         row = self._db.execute("SELECT blob FROM state WHERE ns=? AND cid=?", (namespace, client_id)).fetchone()
@@ -90,3 +140,8 @@ class DiskStore(StateStore):
     def clear(self):
         self._db.execute("DELETE FROM state")
         self._db.commit()
+
+
+def _remove(db: sqlite3.Connection, folder: Path) -> None:
+    db.close()
+    shutil.rmtree(folder, ignore_errors=True)

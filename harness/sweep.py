@@ -2,29 +2,46 @@
 
 One trial per experiment. A trial reserves `tune.PlacementGroupFactory([driver bundle] +
 [executor bundle] * k)`; its Ray engine puts its k executors into those bundles. Every evaluated
-round is reported to Tune; every `checkpoint_every` rounds the report carries a checkpoint with all
-federated state, from which an interrupted trial continues. Tune's own state lives in
-`<out>/_tune/<sweep name>`; each experiment writes its Parquet files to `<out>/<experiment>/` as
-`fedbench run` does. Running the same sweep again on the same output folder resumes it: finished
-trials are kept, unfinished ones continue from their last checkpoint, and grid points it has not
-run yet (a seed added with `--set 'seed=[...]'`) run.
+round is reported to Tune. `<out>` is a local folder or a URI (harness/storage.py); each experiment
+writes its Parquet files to `<out>/<experiment>/` as `fedbench run` does, and the sweep keeps its own
+state in `<out>/_tune/<sweep name>/`:
+
+    sweep.json                 who made the sweep, where, and every experiment's resolved config
+    checkpoints/<exp>.pt       the latest checkpoint of each unfinished experiment (every
+                               `checkpoint_every` rounds: all federated state, tensors and plain data
+                               only, read with torch.load(weights_only=True))
+    run-1/, run-2/, ...        Tune's storage (storage_path) of each invocation: its loggers' output
+
+Every invocation starts a fresh Tune run of the experiments that are not finished; each trial
+continues from its checkpoint when there is one (after a driver was interrupted, or inside one run
+when Tune retries a trial whose node died). So a rerun keeps the finished experiments, continues the
+unfinished ones and runs new ones; an experiment whose config changed stops it (exit 2). Tune's own
+pickled experiment state is never loaded. A sweep folder made by another user, on another machine or
+at another location (a copy) is resumed only with --resume.
 """
 from __future__ import annotations
 
-import hashlib
+import getpass
+import json
 import logging
 import math
 import os
-import tempfile
+import socket
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
+from harness import storage
 from harness.config import ExperimentConfig, SweepFile
 from harness.errors import UserError
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FILE = "experiment_state.pt"
+MANIFEST = "sweep.json"
+# Passed from the sweep's driver to its trials on every node (no secrets: credentials come from
+# each node's own environment or instance role).
+STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
 REPORTED = ("round", "acc_clients_mean", "acc_global", "train_loss", "sim_total_s", "flops_total",
             "bytes_up_total", "bytes_down_total", "wall_total_s", "density", "keep_ratio_mean")
 
@@ -71,93 +88,261 @@ def _metrics(row: dict[str, Any]) -> dict[str, Any]:
     return {k: row[k] for k in REPORTED if row.get(k) is not None and not (isinstance(row[k], float) and math.isnan(row[k]))}
 
 
-def run_trial(config: dict[str, Any], experiments: dict[str, dict[str, Any]]) -> None:
-    """The Tune trainable: the federated experiment named by the trial's `experiment` parameter."""
-    import torch
+def run_trial(config: dict[str, Any], experiments: dict[str, dict[str, Any]], checkpoints: str,
+              env: dict[str, str]) -> None:
+    """The Tune trainable: the federated experiment named by the trial's `experiment` parameter,
+    continued from its checkpoint under `checkpoints` when there is one."""
     from ray import tune
 
     from harness.experiment import Experiment
+    from harness.state import dumps, loads
 
+    for key, value in env.items():
+        os.environ.setdefault(key, value)
     cfg = ExperimentConfig.model_validate(experiments[config["experiment"]])
     experiment = Experiment(cfg)
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            experiment.restore(torch.load(Path(folder) / CHECKPOINT_FILE, weights_only=False))
+    checkpoint = storage.resolve(checkpoints) / f"{cfg.name}.pt"
+    if checkpoint.exists():
+        experiment.restore(loads(checkpoint.read_bytes(), str(checkpoint)))
+        log.warning("experiment %s continues from its checkpoint at round %d", cfg.name, experiment.next_round)
+    resumed_from = experiment.next_round
 
     def on_round(row, state):
-        if state is None:
-            tune.report(_metrics(row))
-            return
-        with tempfile.TemporaryDirectory() as folder:
-            torch.save(state(), Path(folder) / CHECKPOINT_FILE)
-            tune.report(_metrics(row), checkpoint=tune.Checkpoint.from_directory(folder))
+        if state is not None:
+            checkpoint.write_bytes(dumps(state(), f"checkpoint of {cfg.name}"))
+        tune.report({**_metrics(row), "resumed_from_round": resumed_from})
 
     experiment.on_round = on_round
     experiment.run()
+    checkpoint.delete()  # the summary is written: the experiment is finished
 
 
-def run_sweep(experiments: list[ExperimentConfig], sweep: SweepFile, out: Path, name: str,
-              resume: bool | None = None) -> Path:
-    """Run (or resume) the sweep; returns the results folder."""
+def _me() -> dict[str, str]:
+    return {"user": getpass.getuser(), "host": socket.gethostname()}
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k != "out"}
+
+
+def plan(home: storage.Location, out: storage.Location, name: str, trials: dict[str, dict[str, Any]],
+         resume: bool) -> tuple[list[str], dict[str, Any]]:
+    """Which experiments to run, and the manifest to write; raises UserError (nothing written) when
+    the folder is not this sweep's to resume without --resume, when a config changed, or when an
+    experiment's folder holds someone else's results."""
+    manifest_file = home / MANIFEST
+    manifest = json.loads(manifest_file.read_bytes()) if manifest_file.exists() else None
+    if manifest is None:
+        if resume:
+            raise UserError("--resume", f"nothing to resume: {home} holds no sweep {name}")
+        manifest = {"sweep": name, "out": str(out), "created_by": _me(), "runs": 0, "experiments": {}}
+    else:
+        made = manifest["created_by"]
+        if not resume and (made != _me() or manifest["out"] != str(out)):
+            raise UserError("--resume", f"{home} was made by {made['user']} on {made['host']} at {manifest['out']}; "
+                                        f"resuming loads its saved state (checkpoints): add --resume if you trust it")
+        changed = [n for n, c in trials.items() if n in manifest["experiments"]
+                   and _comparable(manifest["experiments"][n]) != _comparable(c)]
+        if changed:
+            raise UserError(f"sweep {name}", f"the config of {', '.join(changed)} changed since {out} was made "
+                                             f"(rerun the sweep file that made it, or use another --out or --name)")
+    for n in trials:
+        if n not in manifest["experiments"] and (out / n).exists():
+            raise UserError(str(out / n), "holds results that this sweep did not make (another sweep or `fedbench "
+                                          "run` wrote them); use another --out")
+    finished = [n for n in trials if n in manifest["experiments"] and _completed(out / n)]
+    for n in finished:
+        (home / "checkpoints" / f"{n}.pt").delete()
+    manifest = dict(manifest, out=str(out), runs=manifest["runs"] + 1,
+                    experiments={**manifest["experiments"], **{n: _comparable(c) for n, c in trials.items()}})
+    return [n for n in trials if n not in finished], manifest
+
+
+def _completed(folder: storage.Location) -> bool:
+    summary = folder / "summary.parquet"
+    return summary.exists() and (storage.read_parquet(summary)["status"] == "completed").all()
+
+
+def run_sweep(experiments: list[ExperimentConfig], sweep: SweepFile, out: str | Path | storage.Location, name: str,
+              resume: bool = False, progress: bool = True) -> storage.Location:
+    """Run the sweep's unfinished and new experiments; returns the results location."""
     from ray import tune
 
     from harness.ray_engine import connect
 
+    out = storage.resolve(out)
+    home = out / "_tune" / name
+    t = sweep.tune
+    trials, configs = {}, {}
+    for cfg in experiments:
+        configs[cfg.name] = trial_engine(cfg, sweep).model_copy(update=dict(out=str(out)))
+        trials[cfg.name] = configs[cfg.name].model_dump(mode="json")
+    todo, manifest = plan(home, out, name, trials, resume)
+    if not todo:
+        print(f"sweep {name}: all {len(trials)} experiments are finished in {out}", file=sys.stderr)
+        return out
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     connect()
-    out = out.expanduser().resolve()
-    t = sweep.tune
-    trials, bundles = {}, {}
-    for cfg in experiments:
-        cfg = trial_engine(cfg, sweep).model_copy(update=dict(out=str(out)))
-        bundles[cfg.name] = trial_resources(cfg, t.driver_cpus)
-        check_fits(bundles[cfg.name])
-        trials[cfg.name] = cfg.model_dump(mode="json")
-    trainable = tune.with_resources(tune.with_parameters(run_trial, experiments=trials),
-                                    lambda config: tune.PlacementGroupFactory(bundles[config["experiment"]]))
-    storage = out / "_tune"
-    experiment_dir = storage / name
-    if resume is None:
-        resume = tune.Tuner.can_restore(str(experiment_dir))
-    if resume and not tune.Tuner.can_restore(str(experiment_dir)):
-        raise UserError("--resume", f"nothing to resume in {experiment_dir}")
-    grid, names = [], list(trials)
-    if resume:
-        log.warning("resuming sweep %s from %s", name, experiment_dir)
-        tuner = tune.Tuner.restore(str(experiment_dir), trainable=trainable, resume_unfinished=True,
-                                   resume_errored=True)
-        known = {r.config["experiment"] for r in tuner.get_results()}
-        grid += list(tuner.fit())
-        # Tune cannot add trials to a restored sweep: grid points it has not seen (a new seed) and
-        # that are not finished run as a Tune experiment of their own, named after them, which the
-        # same command resumes in turn
-        names = [n for n in trials if n not in known and not (out / n / "summary.parquet").exists()]
-        name = f"{name}-{hashlib.sha1(' '.join(names).encode()).hexdigest()[:8]}"
-    if names and resume and tune.Tuner.can_restore(str(storage / name)):
-        grid += list(tune.Tuner.restore(str(storage / name), trainable=trainable, resume_unfinished=True,
-                                        resume_errored=True).fit())
-    elif names:
-        grid += list(tune.Tuner(
-            trainable,
-            param_space={"experiment": tune.grid_search(names)},
-            tune_config=tune.TuneConfig(max_concurrent_trials=t.max_concurrent_trials,
-                                        trial_name_creator=lambda trial: trial.config["experiment"],
-                                        trial_dirname_creator=lambda trial: trial.config["experiment"]),
-            run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=t.verbose,
-                                      failure_config=tune.FailureConfig(max_failures=t.max_failures),
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
-        ).fit())
+    bundles = {}
+    for n in todo:
+        bundles[n] = trial_resources(configs[n], t.driver_cpus)
+        check_fits(bundles[n])
+    (home / MANIFEST).write_bytes(json.dumps(manifest, indent=1).encode())
+    if len(todo) < len(trials):
+        log.warning("sweep %s: %d of %d experiments are finished; running %s", name, len(trials) - len(todo),
+                    len(trials), ", ".join(todo))
+    env = {k: os.environ[k] for k in STORAGE_ENV if os.environ.get(k)}
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, experiments=trials, checkpoints=str(home / "checkpoints"), env=env),
+        lambda config: tune.PlacementGroupFactory(bundles[config["experiment"]]))
+    storage_path, storage_fs = storage.tune_storage(home)
+    done_before = {n: configs[n].rounds for n in trials if n not in todo}
+    callbacks = [SweepProgress(name, {n: configs[n].rounds for n in todo}, done_before)] if progress else []
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"experiment": tune.grid_search(todo)},
+        tune_config=tune.TuneConfig(max_concurrent_trials=t.max_concurrent_trials,
+                                    trial_name_creator=lambda trial: trial.config["experiment"],
+                                    trial_dirname_creator=lambda trial: trial.config["experiment"]),
+        run_config=tune.RunConfig(name=f"run-{manifest['runs']}", storage_path=storage_path,
+                                  storage_filesystem=storage_fs, verbose=t.verbose, callbacks=callbacks,
+                                  failure_config=tune.FailureConfig(max_failures=t.max_failures)),
+    )
+    grid = tuner.fit()
     failed = [r for r in grid if r.error is not None]
     for r in failed:
         log.error("trial %s failed: %s", r.config["experiment"], r.error)
     if failed:
-        raise SweepFailed(f"{len(failed)} of {len(grid)} trials failed (the others' results are kept)")
-    unfinished = [n for n in trials if not (out / n / "summary.parquet").exists()]
+        raise SweepFailed(f"{len(failed)} of {len(grid)} trials failed (the others' results are kept; run the "
+                          f"same command again to retry them from their checkpoints)")
+    unfinished = [n for n in todo if not _completed(out / n)]
     if unfinished:
-        raise SweepInterrupted(f"interrupted with {len(unfinished)} of {len(trials)} trials unfinished; "
-                               f"run the same command again (or add --resume) to continue")
+        raise SweepInterrupted(f"interrupted with {len(unfinished)} of {len(trials)} experiments unfinished; "
+                               f"run the same command again to continue")
     return out
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class _Progress:
+    """The state of a sweep as one line: trials done, running, pending and failed; rounds done of
+    all rounds; the best accuracy so far; elapsed time and an estimate of the rest."""
+
+    def __init__(self, name: str, rounds: dict[str, int], done_before: dict[str, int], stream=None,
+                 interval: float | None = None):
+        self.name, self.rounds, self.done_before = name, rounds, done_before
+        self._stream = stream  # None: sys.stderr when printing (Tune pickles its callbacks)
+        self._interval = interval
+        self.start = time.monotonic()
+        self.last_print = -math.inf
+        self.first: dict[str, int] = {}  # round each trial started from in this run
+        self.reached: dict[str, int] = {}  # rounds done per trial
+        self.best: tuple[float, str] | None = None
+        self.failures = 0
+
+    @property
+    def stream(self):
+        return self._stream or sys.stderr
+
+    @property
+    def interval(self) -> float:
+        return self._interval if self._interval is not None else (2.0 if self.stream.isatty() else 15.0)
+
+    def result(self, experiment: str, result: dict[str, Any]) -> None:
+        if "round" not in result:
+            return
+        done = int(result["round"]) + 1
+        self.first.setdefault(experiment, int(result.get("resumed_from_round", 0)))
+        self.reached[experiment] = done
+        acc = result.get("acc_clients_mean")
+        if acc is not None and (self.best is None or acc > self.best[0]):
+            self.best = (float(acc), experiment)
+
+    def line(self, status: dict[str, str]) -> str:
+        counts = {k: sum(1 for s in status.values() if s == k) for k in ("TERMINATED", "RUNNING", "ERROR")}
+        pending = len(self.rounds) - sum(counts.values())
+        total = sum(self.rounds.values()) + sum(self.done_before.values())
+        done = sum(self.done_before.values()) + sum(
+            self.rounds[n] if status.get(n) == "TERMINATED" else self.reached.get(n, 0) for n in self.rounds)
+        elapsed = time.monotonic() - self.start
+        progressed = sum(self.reached[n] - self.first[n] for n in self.reached)
+        left = total - done
+        eta = f", ~{_duration(elapsed / progressed * left)} left" if progressed and left else ""
+        best = f" | best acc {self.best[0]:.3f} ({self.best[1]})" if self.best else ""
+        return (f"sweep {self.name}: {counts['TERMINATED'] + len(self.done_before)}/{len(self.rounds) + len(self.done_before)} "
+                f"done, {counts['RUNNING']} running, {pending} pending, {counts['ERROR']} failed"
+                f"{f' ({self.failures} retried)' if self.failures else ''} | rounds {done}/{total}{best} | "
+                f"{_duration(elapsed)} elapsed{eta}")
+
+    def show(self, status: dict[str, str], force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last_print < self.interval:
+            return
+        self.last_print = now
+        text = self.line(status)
+        if self.stream.isatty():
+            self.stream.write("\r\x1b[2K" + text + ("\n" if force else ""))
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+
+def _status(trials) -> dict[str, str]:
+    return {t.config["experiment"]: t.status for t in trials}
+
+
+try:
+    from ray.tune import Callback as _Callback
+except ImportError:  # pragma: no cover - Tune is a dependency
+    _Callback = object
+
+
+class SweepProgress(_Callback):
+    """Tune callback on the sweep's driver printing `_Progress` every few seconds (refreshed in place
+    on a terminal, one line at a time in job logs)."""
+
+    def __init__(self, name: str, rounds: dict[str, int], done_before: dict[str, int]):
+        self.progress = _Progress(name, rounds, done_before)
+        self.node: dict[str, str] = {}  # where each trial reported from last
+
+    def on_step_end(self, iteration, trials, **info):
+        self.progress.show(_status(trials))
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        name = trial.config["experiment"]
+        if name not in self.progress.first and result.get("resumed_from_round"):
+            self._say(f"{name} continues from its checkpoint at round {result['resumed_from_round']} on node "
+                      f"{result.get('node_ip', '?')}")
+        self.progress.result(name, result)
+        self.node[name] = result.get("node_ip", "?")
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        name = trial.config["experiment"]
+        self.progress.failures += 1
+        self.progress.reached.pop(name, None)
+        self.progress.first.pop(name, None)
+        self._say(f"trial {name} failed on node {self.node.get(name, '?')} and is retried from its last "
+                  f"checkpoint: {_last_error(trial)}")
+
+    def _say(self, text: str) -> None:
+        stream = self.progress.stream
+        stream.write(("\n" if stream.isatty() else "") + f"sweep {self.progress.name}: {text}\n")
+        stream.flush()
+
+    def on_experiment_end(self, trials, **info):
+        self.progress.show(_status(trials), force=True)
+
+
+def _last_error(trial) -> str:
+    """The last line of a trial's last error (Tune writes it as text beside the trial)."""
+    try:
+        lines = [line for line in Path(trial.error_file).read_text().splitlines() if line.strip()]
+        return lines[-1].strip()[:300]
+    except (OSError, TypeError, IndexError):
+        return "see Tune's output"
 
 
 class SweepFailed(Exception):

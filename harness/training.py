@@ -193,6 +193,15 @@ class _WeightMasks:
                 self.dense += sq.sum()
 
 
+def train_one(job: LocalJob, model_of: Callable[[LocalJob], nn.Module]) -> None:
+    """Train a job alone on `model_of(job)` (a model of its spec holding its starting tensors); a job
+    without training data does not train: its trained tensors are its starting ones."""
+    if not len(job.y):
+        job.trained, job.stats = dict(job.start), TrainStats(0.0, 0.0, 0, 0)
+        return
+    train_alone(job, model_of(job))
+
+
 def train_alone(job: LocalJob, model: nn.Module) -> None:
     """Train `model` (already holding the job's starting tensors) by local SGD, one minibatch at a
     time, and write the job's outputs."""

@@ -18,7 +18,7 @@ from harness.models import ModelSpec, UnitModel, build_model, resolve_model_name
 from harness.records import ClientTask, Evaluation
 from harness.seeding import seed_of, torch_generator
 from harness.training import (LocalJob, SGDSettings, calibrate_batchnorm, correct_per_sample, load_start, threads,
-                              torch_threads, train_alone)
+                              torch_threads, train_one)
 
 
 class Workbench:
@@ -80,7 +80,7 @@ class Workbench:
         """Train a job in this process as an executor would (its thread count): for training on the
         server, such as PruneFL's initial pruning."""
         with threads(torch_threads(self.cfg.engine.cpus_per_executor)):
-            train_alone(job, self.loaded(job))
+            train_one(job, self.loaded)
 
     def init_global_state(self) -> dict[str, torch.Tensor]:
         with torch.random.fork_rng(devices=[]):

@@ -1,14 +1,27 @@
 import os
+import secrets
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray's token authentication on, with the suite's own token in a temporary folder (not ~/.ray):
+# every Ray process the tests start (ray.init, `ray start`, `ray job submit`) inherits these.
+_TOKEN_DIR = tempfile.mkdtemp(prefix="fedbench-ray-token-")
+TOKEN_FILE = Path(_TOKEN_DIR) / "auth_token"
+TOKEN_FILE.write_text(secrets.token_hex(32))
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ["RAY_AUTH_TOKEN_PATH"] = str(TOKEN_FILE)
+os.environ.pop("RAY_AUTH_TOKEN", None)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def pytest_sessionfinish(session, exitstatus):
+    import shutil
+
+    shutil.rmtree(_TOKEN_DIR, ignore_errors=True)
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     passed = len(reporter.stats.get("passed", [])) if reporter else 0
     if exitstatus == 0 and passed == 0:

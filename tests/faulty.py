@@ -1,7 +1,7 @@
 """A test-only strategy, loaded by import path (method.name: tests.faulty:FailingFedAvg)."""
 
 from baselines.fedavg import FedAvg
-from harness.strategy import MethodParams
+from harness.strategy import MethodParams, Strategy
 
 
 class FailingParams(MethodParams):
@@ -36,4 +36,63 @@ class CrashOnceFedAvg(FedAvg):
         if rnd == self.params.crash_at_round and not marker.exists():
             marker.write_text("crashed")
             raise RuntimeError("the trial's driver dies here, once")
+        return super().aggregate(rnd, kept, dropped)
+
+
+class Instant(Strategy):
+    """No training at all: every client returns at once (for tests of the round loop's bookkeeping)."""
+
+    def configure(self, rnd, clients):
+        return None, [None] * len(clients)
+
+    def local_job(self, broadcast, task):
+        import torch
+
+        from harness.training import LocalJob
+
+        empty = torch.zeros(0)
+        return LocalJob(self.bench.spec(), {}, empty, empty, self.bench.cfg.train, 0.0, torch.Generator())
+
+    def local_result(self, broadcast, task, job):
+        from harness.records import ClientResult
+
+        return ClientResult(task.client_id, task.round, num_samples=1, train_loss=0.5, train_acc=0.5, flops=1.0,
+                            bytes_up=1, bytes_down=1)
+
+    def aggregate(self, rnd, kept, dropped):
+        return {}
+
+    def evaluate(self, rnd):
+        import numpy as np
+
+        from harness.records import Evaluation
+
+        acc = np.full(len(self.bench.clients), 0.5)
+        return Evaluation(clients={"mirrored": acc, "authors": acc}, acc_global=0.5)
+
+
+class Hostile:
+    """Unpickling this writes a file: stands for code that a pickle runs when it is loaded."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+class SlowParams(MethodParams):
+    round_s: float = 1.0
+
+
+class SlowFedAvg(FedAvg):
+    """FedAvg whose server takes `round_s` seconds more per round (the same numbers, slower): leaves
+    time to kill a node in the middle of a run."""
+
+    Params = SlowParams
+
+    def aggregate(self, rnd, kept, dropped):
+        import time
+
+        time.sleep(self.params.round_s)
         return super().aggregate(rnd, kept, dropped)

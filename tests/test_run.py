@@ -6,6 +6,7 @@ from harness.cli import main
 from harness.experiment import Experiment
 from harness.registry import declared_columns
 from harness.results import CLIENTS, ROUNDS
+from harness.state import dumps, loads
 
 WALL = [c for c in ROUNDS.names if c.startswith("wall")]
 
@@ -58,7 +59,11 @@ def test_cli_quickstart_contract(tmp_path, capsys):
     assert "final acc %" in printed and "fedavg" in printed
 
 
-def test_restored_experiment_ends_with_the_uninterrupted_numbers(config, tmp_path):
+@pytest.mark.parametrize("flush_every_s", [10.0, 0.0])
+def test_restored_experiment_ends_with_the_uninterrupted_numbers(config, tmp_path, monkeypatch, flush_every_s):
+    import harness.experiment
+
+    monkeypatch.setattr(harness.experiment, "FLUSH_EVERY_S", flush_every_s)  # 0: a part of clients every round
     whole = config(name="whole", rounds=4)
     Experiment(whole).run()
     checkpoints = []
@@ -68,13 +73,17 @@ def test_restored_experiment_ends_with_the_uninterrupted_numbers(config, tmp_pat
         pass
 
     def on_round(row, checkpoint):
-        if checkpoint is not None:
-            checkpoints.append(checkpoint())
-            raise Interrupt  # the driver dies right after its first checkpoint
+        if checkpoints:
+            raise Interrupt  # the driver dies a round after its first checkpoint
+        if checkpoint is not None:  # through bytes that torch.load(weights_only=True) reads
+            checkpoints.append(loads(dumps(checkpoint())))
 
     with pytest.raises(Interrupt):
         Experiment(first, on_round=on_round).run()
     assert checkpoints[0]["next_round"] == 2
+    parts = list((tmp_path / first.name / "_clients").glob("part-*.parquet"))
+    assert len(parts) == (2 if flush_every_s == 0 else 0)  # round 2's part was written after the checkpoint
+    assert checkpoints[0]["client_parts"] == (1 if flush_every_s == 0 else 0)
     resumed = Experiment(first)
     resumed.restore(checkpoints[0])
     resumed.run()
@@ -84,20 +93,24 @@ def test_restored_experiment_ends_with_the_uninterrupted_numbers(config, tmp_pat
     ca = pd.read_parquet(f"{whole.out}/{whole.name}/clients.parquet").drop(columns=["experiment"])
     cb = pd.read_parquet(f"{first.out}/{first.name}/clients.parquet").drop(columns=["experiment"])
     pd.testing.assert_frame_equal(ca, cb)
+    assert not (tmp_path / first.name / "_clients").exists()  # the parts became clients.parquet
 
 
 def test_disk_state_store_gives_the_memory_store_numbers(config, tmp_path):
-    from harness.state import DiskStore, MemoryStore
+    from harness.state import MemoryStore
 
     memory = config(name="mem", rounds=3, **{"method.name": "fedlps"})
     disk = config(name="disk", rounds=3, **{"method.name": "fedlps", "engine.state_store": "disk"})
     r_mem, c_mem = run(memory)
-    r_disk, c_disk = run(disk)
+    checkpoints = []
+    experiment = Experiment(disk, on_round=lambda row, state: state and checkpoints.append(state()))
+    experiment.run()
+    r_disk = pd.read_parquet(tmp_path / disk.name / "rounds.parquet")
     pd.testing.assert_frame_equal(r_mem.drop(columns=WALL + ["experiment"]), r_disk.drop(columns=WALL + ["experiment"]))
-    assert (tmp_path / disk.name / "client_state.sqlite").exists()
-    store = DiskStore(tmp_path / disk.name / "client_state.sqlite")
-    rows = store.export()
+    assert not (tmp_path / disk.name / "client_state.sqlite").exists()  # in a temporary folder of its own
+    assert not experiment.store.folder.exists()  # removed when the run ended
+    rows = checkpoints[-1]["store"]  # and carried by the checkpoint
     assert {ns for ns, _, _ in rows} == {"client", "bandit"} and len(rows) > 5
     copy = MemoryStore()
     copy.restore(rows)
-    assert copy.export() == rows and copy.nbytes() == store.nbytes()
+    assert copy.export() == rows

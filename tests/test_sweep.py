@@ -129,3 +129,101 @@ def test_leaderboard_and_plot_commands(tmp_path, capsys):
     assert err.count("\n") == 1 and "no finished experiment here" in err
     assert main(["leaderboard", str(tmp_path / "res"), "--target-acc", "75"]) == 2
     assert "--target-acc: must be a fraction" in capsys.readouterr().err
+
+
+RERUN = """\
+name: sw
+rounds: 2
+checkpoint_every: 1
+data: {{dataset: mnist-5k, split: {{kind: shards, shards_per_client: 2, shard_size: 20}}}}
+clients: {{total: 10, per_round: 2}}
+model: {{name: cnn}}
+grid: {{seed: {seeds}, train.lr: [{lr}]}}
+tune: {{max_concurrent_trials: 2, executors_per_trial: 1, cpus_per_executor: 1, driver_cpus: 0.5, verbose: 0}}
+"""
+
+
+def experiment_files(out):
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.glob("sw_*/*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_a_sweep_rerun_keeps_finished_runs_new_and_stops_on_a_changed_config(ray_session, tmp_path, capsys):
+    import json
+    import shutil
+
+    import torch
+
+    from harness.cli import main
+    from tests.faulty import Hostile
+
+    sweep_file, out = tmp_path / "sw.yaml", tmp_path / "out"
+    sweep_file.write_text(RERUN.format(seeds=[1, 2], lr=0.1))
+    assert main(["sweep", str(sweep_file), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "sweep sw: 2/2 done, 0 running, 0 pending, 0 failed | rounds 4/4 | best acc" in err  # the live line
+    first = experiment_files(out)
+    assert {k.split("/")[0] for k in first} == {"sw_seed1", "sw_seed2"}
+
+    assert main(["sweep", str(sweep_file), "--out", str(out)]) == 0  # nothing left to do
+    assert "all 2 experiments are finished" in capsys.readouterr().err
+    assert experiment_files(out) == first
+
+    sweep_file.write_text(RERUN.format(seeds=[1, 2, 3], lr=0.1))  # a seed added to the grid
+    assert main(["sweep", str(sweep_file), "--out", str(out)]) == 0
+    assert "sweep sw: 3/3 done, 0 running, 0 pending, 0 failed | rounds 6/6" in capsys.readouterr().err
+    now = experiment_files(out)
+    assert {k: v for k, v in now.items() if not k.startswith("sw_seed3/")} == first  # finished ones kept as they were
+    assert (out / "sw_seed3" / "summary.parquet").exists()
+    assert sorted(json.loads((out / "_tune" / "sw" / "sweep.json").read_text())["experiments"]) == ["sw_seed1", "sw_seed2", "sw_seed3"]
+    assert leaderboard.build(out)["seeds"].tolist() == [3]
+
+    sweep_file.write_text(RERUN.format(seeds=[1, 2, 3], lr=0.05))  # one grid value changed
+    everything = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert main(["sweep", str(sweep_file), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the config of sw_seed1, sw_seed2, sw_seed3 changed" in err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == everything  # nothing written
+
+    other = tmp_path / "other.yaml"  # another sweep file whose experiments have the same names
+    other.write_text(RERUN.format(seeds=[1, 2], lr=0.1))
+    assert main(["sweep", str(other), "--out", str(out)]) == 2
+    assert "sw_seed1: holds results that this sweep did not make" in capsys.readouterr().err
+
+    sweep_file.write_text(RERUN.format(seeds=[1, 2, 3], lr=0.1))
+    copy = tmp_path / "copy"  # a folder made elsewhere: resumed only with --resume
+    shutil.copytree(out, copy)
+    assert main(["sweep", str(sweep_file), "--out", str(copy)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--resume" in err and "loads its saved state" in err
+    marker = tmp_path / "unpickled"
+    (copy / "sw_seed3" / "summary.parquet").unlink()  # sw_seed3 unfinished, with a checkpoint that is not plain data
+    with open(copy / "_tune" / "sw" / "checkpoints" / "sw_seed3.pt", "wb") as f:
+        torch.save({"next_round": 1, "x": Hostile(str(marker))}, f)
+    assert main(["sweep", str(sweep_file), "--out", str(copy), "--resume", "--set", "tune.max_failures=0"]) == 1
+    assert not marker.exists()  # refused, never unpickled
+    assert "refused, it holds more than tensors and plain data" in (
+        "".join(p.read_text() for p in (copy / "_tune" / "sw").rglob("error.txt")))
+
+
+def test_the_progress_line_counts_trials_and_rounds_and_estimates_the_rest(monkeypatch):
+    import io
+
+    import harness.sweep as sweep
+
+    now = [100.0]
+    monkeypatch.setattr(sweep.time, "monotonic", lambda: now[0])
+    out = io.StringIO()
+    progress = sweep._Progress("qs", {"a": 10, "b": 10, "c": 10}, {"done": 10}, stream=out, interval=5)
+    progress.result("a", {"round": 3, "acc_clients_mean": 0.5, "resumed_from_round": 0})
+    progress.result("b", {"round": 5, "acc_clients_mean": 0.7, "resumed_from_round": 2})
+    now[0] += 60
+    status = {"a": "RUNNING", "b": "RUNNING", "c": "PENDING"}
+    assert progress.line(status) == ("sweep qs: 1/4 done, 2 running, 1 pending, 0 failed | rounds 20/40 | "
+                                     "best acc 0.700 (b) | 1m00s elapsed, ~2m30s left")  # 8 rounds played in a minute
+    progress.show(status)
+    progress.show(status)  # within the interval: not printed again
+    now[0] += 5
+    progress.show({"a": "TERMINATED", "b": "RUNNING", "c": "ERROR"})
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2 and lines[1].startswith("sweep qs: 2/4 done, 1 running, 0 pending, 1 failed")

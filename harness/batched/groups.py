@@ -6,7 +6,7 @@ import logging
 from harness.batched.graphs import GraphCache
 from harness.batched.program import StackedClients, run
 from harness.batched.schedule import schedule
-from harness.training import LocalJob, train_alone
+from harness.training import LocalJob, train_one
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def train_jobs(jobs: list[LocalJob], bench, graphs: GraphCache | None = None) ->
             alone.extend(members)
     for i in sorted(alone):
         try:
-            train_alone(jobs[i], bench.loaded(jobs[i]))
+            train_one(jobs[i], bench.loaded)
         except Exception as e:  # noqa: BLE001 - a client's failure is data
             errors[i] = e
     return errors
