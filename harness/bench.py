@@ -266,7 +266,8 @@ def _plain_chunk(payload: bytes) -> bytes:
         optimizer = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=train.weight_decay)
         generator = torch.Generator().manual_seed(seed_of(cfg.seed, "client", task.round, task.client_id))
         x, y = _worker["data"][task.client_id]
-        loss_sum, correct = 0.0, 0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
+        correct = torch.zeros((), dtype=torch.int64, device=x.device)
         for _ in range(train.epochs):
             order = torch.randperm(len(y), generator=generator)
             for start in range(0, len(y), train.batch_size):
@@ -276,9 +277,11 @@ def _plain_chunk(payload: bytes) -> bytes:
                 loss = F.cross_entropy(logits, y[batch])
                 loss.backward()
                 optimizer.step()
-                loss_sum += loss.item() * len(batch)
-                correct += int((logits.argmax(1) == y[batch]).sum())
+                with torch.no_grad():
+                    loss_sum += loss.double() * len(batch)
+                    correct += (logits.argmax(1) == y[batch]).sum()
         samples = train.epochs * len(y)
+        loss_sum, correct = float(loss_sum), int(correct)
         trained = {n: v.detach().cpu().clone() for n, v in zip(names, model.state_dict().values())}
         results.append(ClientResult(task.client_id, task.round, payload=trained, num_samples=len(y),
                                     train_loss=loss_sum / samples, train_acc=correct / samples))
