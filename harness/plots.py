@@ -83,7 +83,9 @@ def figures(root):
                     label = method_titles[m] if same_seeds else f"{method_titles[m]} ({len(curves)} seeds)"
                     ax.plot(grid, mean, color=colors[m], label=label)
                     if low is not None:
-                        ax.fill_between(grid, low, high, color=colors[m], alpha=0.2, linewidth=0)
+                        # accuracies lie in [0, 100]: the interval of a mean over few seeds may reach past them
+                        ax.fill_between(grid, np.clip(low, 0, 100), np.clip(high, 0, 100), color=colors[m], alpha=0.2,
+                                        linewidth=0)
                 ax.set_xlabel(x_label)
                 ax.set_title(panel if len(panels) > 1 else note, fontsize=9)
                 ax.grid(alpha=0.3)
