@@ -34,6 +34,7 @@ class FedAvg(Strategy):
             flops=training_flops(self.bench.flops.forward(), job.stats.samples), bytes_up=size, bytes_down=size)
 
     def aggregate(self, rnd, kept, dropped):
+        """Dropped clients' updates are lost; they change nothing."""
         contributions = [Contribution(r.payload, weight=r.num_samples) for r in kept]
         self.global_state = aggregate(self.global_state, self.bench.layout, contributions)
         return {}
