@@ -157,3 +157,14 @@ def test_prunefl_reference_rounds(config):
     # the code counts dense FLOPs, and the mask bits on top of the values
     assert results[0].flops == 3 * bench.flops.forward() * results[0].num_samples
     assert results[0].bytes_up - results[0].bytes_down == 0  # the mask was new to them: sent both ways
+
+
+def test_the_global_view_is_the_client_view_for_global_methods_and_not_for_fedlps(config):
+    from conftest import run_serial
+
+    rounds, _ = run_serial(config(name="avg", rounds=2))
+    assert rounds["acc_global_clients_mean"].tolist() == rounds["acc_clients_mean"].tolist()
+    assert rounds["acc_global_clients_mean_authors_tests"].tolist() == rounds["acc_clients_mean_authors_tests"].tolist()
+    lps, _ = run_serial(config(name="lps", rounds=2, **{"method.name": "fedlps"}))
+    assert lps["acc_global_clients_mean"].notna().all() and lps["acc_global"].isna().all()
+    assert (lps["acc_global_clients_mean"] != lps["acc_clients_mean"]).any()
