@@ -101,7 +101,7 @@ def round_outcome(times: dict[int, float], per_round: int, deadline_s: float | N
     """Who of the clients that trained (client -> simulated seconds) reaches aggregation, and how long
     the round lasts (see the module docstring)."""
     late = sorted(c for c, t in times.items() if deadline_s is not None and t > deadline_s)
-    on_time = sorted((c for c in times if c not in set(late)), key=lambda c: (times[c], tiebreak[c]))
+    on_time = sorted(times.keys() - set(late), key=lambda c: (times[c], tiebreak[c]))
     kept, not_kept = on_time[:per_round], on_time[per_round:]
     if late and len(kept) < per_round:
         duration = float(deadline_s)

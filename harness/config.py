@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import math
 import re
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -16,6 +15,7 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from harness.availability import sample_size
 from harness.errors import ConfigError, UserError
 from harness.records import Tier
 from harness.registry import available_methods, method_class
@@ -187,7 +187,7 @@ class ExperimentConfig(Strict):
     @model_validator(mode="after")
     def _overselection_fits(self):
         c = self.clients
-        wanted = math.ceil(c.overselect * c.per_round - 1e-9)
+        wanted = sample_size(c.per_round, c.overselect)
         if wanted > c.total:
             raise ValueError(f"clients.overselect: {c.overselect:g} x per_round {c.per_round} = {wanted} clients, "
                              f"more than clients.total ({c.total})")

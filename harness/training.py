@@ -152,16 +152,15 @@ class LocalJob:
         return self.hooks is None and len(self.y) > 0
 
 
-def load_start(model: nn.Module, job: LocalJob, fresh_buffers: dict[str, torch.Tensor]) -> None:
-    """Put the job's starting tensors into `model` (a model of the job's spec, reused across jobs);
-    buffers that the job does not give get their values of a new model."""
+def load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], fresh_buffers: dict[str, torch.Tensor]) -> None:
+    """Put `tensors` (every parameter; any buffers) into `model`, a model reused across jobs; buffers
+    that `tensors` does not give get their values of a new model."""
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(job.start[name])
+            p.copy_(tensors[name])
             p.grad = None
         for name, b in model.named_buffers():
-            b.copy_(job.start[name] if name in job.start else fresh_buffers[name])
-    model.unit_masks = dict(job.unit_masks or {})
+            b.copy_(tensors[name] if name in tensors else fresh_buffers[name])
 
 
 # -- one by one ---------------------------------------------------------------------------------------

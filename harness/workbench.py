@@ -17,7 +17,7 @@ from harness.data import TEST_SETS, ClientData, Dataset, load_dataset, partition
 from harness.models import ModelSpec, UnitModel, build_model, resolve_model_name
 from harness.records import ClientTask, Evaluation
 from harness.seeding import seed_of, torch_generator
-from harness.training import (LocalJob, SGDSettings, calibrate_batchnorm, correct_per_sample, load_start, threads,
+from harness.training import (LocalJob, SGDSettings, calibrate_batchnorm, correct_per_sample, load_tensors, threads,
                               torch_threads, train_one)
 
 
@@ -63,17 +63,16 @@ class Workbench:
         return self._models[spec]
 
     def loaded(self, job: LocalJob) -> UnitModel:
-        """This process's model of the job's spec, holding the job's starting tensors."""
+        """This process's model of the job's spec, holding the job's starting tensors and unit masks."""
         model, fresh = self.model(job.spec)
-        load_start(model, job, fresh)
+        load_tensors(model, job.start, fresh)
+        model.unit_masks = dict(job.unit_masks or {})
         return model
 
     def trained_model(self, job: LocalJob) -> UnitModel:
         """This process's model of the job's spec, holding the job's trained tensors."""
-        model, _ = self.model(job.spec)
-        with torch.no_grad():
-            for name, t in model.state_dict(keep_vars=True).items():
-                t.copy_(job.trained[name])
+        model, fresh = self.model(job.spec)
+        load_tensors(model, job.trained, fresh)
         return model
 
     def train_here(self, job: LocalJob) -> None:
