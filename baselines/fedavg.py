@@ -7,21 +7,12 @@ from __future__ import annotations
 
 from harness.cost import training_flops
 from harness.records import ClientResult, ClientTask
-from harness.strategy import Strategy
+from harness.strategy import Client, Strategy
 from harness.submodel import Contribution, aggregate, state_bytes
 from harness.training import LocalJob
 
 
-class FedAvg(Strategy):
-    title = "FedAvg"
-
-    def setup(self, store):
-        super().setup(store)
-        self.global_state = self.bench.init_global_state()
-
-    def configure(self, rnd, clients):
-        return self.global_state, [None] * len(clients)
-
+class FedAvgClient(Client):
     def local_job(self, global_state, task: ClientTask) -> LocalJob:
         return self.bench.job(task, global_state, clip_grad_norm=self.params.clip_grad_norm)
 
@@ -32,6 +23,18 @@ class FedAvg(Strategy):
             task.client_id, task.round, payload=trained, num_samples=len(job.y), train_loss=job.stats.loss,
             train_acc=job.stats.accuracy, keep_ratio=1.0,
             flops=training_flops(self.bench.flops.forward(), job.stats.samples), bytes_up=size, bytes_down=size)
+
+
+class FedAvg(Strategy):
+    Client = FedAvgClient
+    title = "FedAvg"
+
+    def setup(self, store):
+        super().setup(store)
+        self.global_state = self.bench.init_global_state()
+
+    def configure(self, rnd, clients):
+        return self.global_state, [None] * len(clients)
 
     def aggregate(self, rnd, kept, dropped):
         """Dropped clients' updates are lost; they change nothing."""

@@ -33,28 +33,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from baselines.heterofl import HeteroFL
+from baselines.heterofl import HeteroFL, HeteroFLClient
 from harness.submodel import AxisIndex, Contribution, IndexSets, rolling_index_sets
 
 
-class FedRolex(HeteroFL):
-    title = "FedRolex"
-
-    def setup(self, store):
-        super().setup(store)
-        # reference variant: each client's selection count s, and per 1-D tensor a counter per coordinate
-        self.selections = np.zeros(len(self.bench.clients), dtype=np.int64)
-        self.counters = ({k: torch.ones_like(v) for k, v in self.global_state.items() if v.dim() == 1}
-                         if self.reference else {})
-
-    def configure(self, rnd, clients):
-        if not self.reference:
-            return super().configure(rnd, clients)
-        shifts = [{"shift": int(self.selections[s.client_id])} for s in clients]
-        for s in clients:
-            self.selections[s.client_id] += 1
-        return self.global_state, shifts
-
+class FedRolexClient(HeteroFLClient):
     def index_sets(self, task, widths: dict[str, int]) -> tuple[IndexSets, AxisIndex | None]:
         """A window of `widths[g]` consecutive units of every group: starting at the global round, or
         (reference) ending before the client's own selection count and rolling backwards."""
@@ -71,6 +54,26 @@ class FedRolex(HeteroFL):
                     size, kept = dim.repeat * full[dim.group], dim.repeat * widths[dim.group]
                     axis_index[(name, axis)] = torch.sort((-shift + torch.arange(kept)) % size).values
         return index_sets, axis_index
+
+
+class FedRolex(HeteroFL):
+    Client = FedRolexClient
+    title = "FedRolex"
+
+    def setup(self, store):
+        super().setup(store)
+        # reference variant: each client's selection count s, and per 1-D tensor a counter per coordinate
+        self.selections = np.zeros(len(self.bench.clients), dtype=np.int64)
+        self.counters = ({k: torch.ones_like(v) for k, v in self.global_state.items() if v.dim() == 1}
+                         if self.reference else {})
+
+    def configure(self, rnd, clients):
+        if not self.reference:
+            return super().configure(rnd, clients)
+        shifts = [{"shift": int(self.selections[s.client_id])} for s in clients]
+        for s in clients:
+            self.selections[s.client_id] += 1
+        return self.global_state, shifts
 
     def contributions(self, kept) -> list[Contribution]:
         contributions = super().contributions(kept)

@@ -57,7 +57,7 @@ from harness.cost import training_flops
 from harness.errors import ConfigError
 from harness.models import CNN, VGG, prefix_width
 from harness.records import ClientResult, ClientTask
-from harness.strategy import MethodParams, Strategy
+from harness.strategy import Client, MethodParams, Strategy
 from harness.submodel import (AxisIndex, Contribution, IndexSets, State, aggregate, extract, prefix_index_sets,
                               state_bytes)
 from harness.training import LocalJob
@@ -82,22 +82,8 @@ def reference_full_groups(model) -> set[str]:
     return set()
 
 
-class HeteroFL(Strategy):
-    title = "HeteroFL"
-
-    class Params(MethodParams):
-        variant: Literal["official", "reference"] = "official"
-        clip_grad_norm: float | None = 5.0  # both variants clip at 5 (the FedLPS authors' code; official: 1)
-        scaler: bool | None = None  # None: the variant's choice (official: on, reference: off)
-        static_bn: bool | None = None
-        masked_ce: bool | None = None
-        label_split: bool | None = None  # count-normalised aggregation restricted to each client's class rows
-
-    @classmethod
-    def check(cls, params, model, cfg):
-        if params.variant == "reference" and not isinstance(model, (CNN, VGG)):
-            raise ConfigError("method.variant", "the reference variant mirrors the authors' CNN and VGG models; "
-                                                "use model.name cnn, vgg11 or vgg13")
+class Settings:
+    """What both halves derive from the parameters: the variant's switches, norm and SGD settings."""
 
     def __init__(self, bench, params):
         super().__init__(bench, params)
@@ -112,23 +98,8 @@ class HeteroFL(Strategy):
         self.train = bench.cfg.train.model_copy(update={"momentum": 0.0}) if self.reference else bench.cfg.train
         self.full_groups = reference_full_groups(bench.build(device="meta")) if self.reference else set()
 
-    def setup(self, store):
-        super().setup(store)
-        bench = self.bench
-        # The global model holds exactly the tensors clients train: with static BN it has no running
-        # statistics (evaluation computes them). Norm layers draw no random numbers at init, so
-        # filtering the shared initial state gives the same weights as building it with this norm.
-        keys = bench.build(bench.spec(norm=self.norm), device="meta").state_dict().keys()
-        self.global_state = {k: v for k, v in bench.init_global_state().items() if k in keys}
-        # Calibrating BN statistics is a pass over all training data; skip it for models without BN.
-        self.calibrate_bn = self.static_bn and any(
-            isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in bench.build(device="meta").modules())
 
-    def configure(self, rnd, clients):
-        # The submodel of each client follows from (round, tier cap), which the task carries.
-        return self.global_state, [None] * len(clients)
-
-    # -- client side -------------------------------------------------------------------------------
+class HeteroFLClient(Settings, Client):
     def widths(self, ratio: float) -> dict[str, int]:
         if self.reference:
             # Reference quirk: max(int(r x K), 1) units, and some groups never narrow.
@@ -161,7 +132,41 @@ class HeteroFL(Strategy):
             train_loss=job.stats.loss, train_acc=job.stats.accuracy, keep_ratio=ratio,
             flops=training_flops(self.bench.flops.forward(widths), job.stats.samples), bytes_up=size, bytes_down=size)
 
-    # -- server side -------------------------------------------------------------------------------
+
+class HeteroFL(Settings, Strategy):
+    Client = HeteroFLClient
+    title = "HeteroFL"
+
+    class Params(MethodParams):
+        variant: Literal["official", "reference"] = "official"
+        clip_grad_norm: float | None = 5.0  # both variants clip at 5 (the FedLPS authors' code; official: 1)
+        scaler: bool | None = None  # None: the variant's choice (official: on, reference: off)
+        static_bn: bool | None = None
+        masked_ce: bool | None = None
+        label_split: bool | None = None  # count-normalised aggregation restricted to each client's class rows
+
+    @classmethod
+    def check(cls, params, model, cfg):
+        if params.variant == "reference" and not isinstance(model, (CNN, VGG)):
+            raise ConfigError("method.variant", "the reference variant mirrors the authors' CNN and VGG models; "
+                                                "use model.name cnn, vgg11 or vgg13")
+
+    def setup(self, store):
+        super().setup(store)
+        bench = self.bench
+        # The global model holds exactly the tensors clients train: with static BN it has no running
+        # statistics (evaluation computes them). Norm layers draw no random numbers at init, so
+        # filtering the shared initial state gives the same weights as building it with this norm.
+        keys = bench.build(bench.spec(norm=self.norm), device="meta").state_dict().keys()
+        self.global_state = {k: v for k, v in bench.init_global_state().items() if k in keys}
+        # Calibrating BN statistics is a pass over all training data; skip it for models without BN.
+        self.calibrate_bn = self.static_bn and any(
+            isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in bench.build(device="meta").modules())
+
+    def configure(self, rnd, clients):
+        # The submodel of each client follows from (round, tier cap), which the task carries.
+        return self.global_state, [None] * len(clients)
+
     def contributions(self, kept) -> list[Contribution]:
         return [Contribution(r.payload.state, r.payload.index_sets, weight=1.0, axis_index=r.payload.axis_index,
                              class_rows=self.bench.class_mask(r.client_id) if self.label_split else None)

@@ -104,7 +104,7 @@ from harness.cost import client_time, sparse_bytes, training_flops
 from harness.errors import ConfigError
 from harness.records import ClientResult, ClientTask
 from harness.seeding import rng, torch_generator
-from harness.strategy import MethodParams, Strategy
+from harness.strategy import Client, MethodParams, Strategy
 from harness.submodel import Contribution, aggregate, state_bytes
 from harness.training import Hooks, LocalJob
 
@@ -221,10 +221,10 @@ def density(masks: Masks) -> float:
     return sum(int(m.sum()) for m in masks.values()) / total if total else 1.0
 
 
-# -- the strategy ----------------------------------------------------------------------------------
-class PruneFL(Strategy):
-    title = "PruneFL"
-    client_columns = round_columns = {"density": pa.float64()}
+# -- the method ----------------------------------------------------------------------------------
+class Settings:
+    """What both halves derive from the parameters and the model: the variant, the prunable layers,
+    and the cost rule."""
 
     class Params(MethodParams):  # clip_grad_norm: None, as PruneFL does not clip
         variant: Literal["official", "reference"] = "official"
@@ -268,7 +268,6 @@ class PruneFL(Strategy):
         self.interval = params.interval or (5 if self.reference else 50)
         self.half_life = params.drop_half_life or (1.0 if self.reference else 10000.0)
         template = bench.build(device="meta")
-        self.check(params, template, cfg)
         shapes = {k: v for k, v in template.state_dict().items() if v.is_floating_point()}
         self.prunable = [n for n in self._layers(template) if n not in params.dense_layers]
         self.shapes = {n: shapes[n].shape for n in self.prunable}
@@ -288,6 +287,70 @@ class PruneFL(Strategy):
         full_bytes = state_bytes(shapes)
         self.c0 = params.c0 if params.c0 is not None else client_time(slowest, cfg.devices, 0, full_bytes,
                                                                         full_bytes).total_s
+
+    def sparse_cost(self, masks: Masks) -> tuple[float, int]:
+        """(forward FLOPs per sample, bytes of the model) at these masks (the module's cost rule)."""
+        forward, nbytes = float(self.forward_flops), self.dense_bytes
+        for name, m in masks.items():
+            kept, total = int(m.sum()), m.numel()
+            forward -= self.layer_flops[name] * (1 - kept / total)
+            nbytes += sparse_bytes(kept, total)
+        return forward, nbytes
+
+    def reference_cost(self, masks: Masks, mask_changed: bool) -> tuple[float, int, int]:
+        """Reference variant: (forward FLOPs per sample, bytes up, bytes down) as the code counts them."""
+        values = self.dense_bytes + 4 * sum(int(m.sum()) for m in masks.values())
+        mask_bytes = (sum(m.numel() for m in masks.values()) + 7) // 8
+        return float(self.forward_flops), values + mask_bytes, values + (mask_bytes if mask_changed else 0)
+
+    def _last_gradients(self, into: dict):
+        """Reference variant: hooks that keep the prunable weights' gradients of the last minibatch in
+        `into["last_grads"]` (the code reads `param.grad` after training)."""
+        def hooks(model) -> Hooks:
+            params = dict(model.named_parameters())
+
+            def keep(_batch_size):
+                into["last_grads"] = {n: params[n].grad.detach().clone() for n in self.prunable}
+
+            return Hooks(after_backward=keep)
+
+        return hooks
+
+
+class PruneFLClient(Settings, Client):
+    def local_job(self, broadcast, task: ClientTask) -> LocalJob:
+        bench = self.bench
+        masks = {n: m.to(bench.device) for n, m in broadcast["masks"].items()}
+        if self.reference:
+            context: dict = {}
+            return bench.job(task, broadcast["state"], clip_grad_norm=self.params.clip_grad_norm, weight_masks=masks,
+                             hooks=self._last_gradients(context), context=context)
+        return bench.job(task, broadcast["state"], clip_grad_norm=self.params.clip_grad_norm, weight_masks=masks,
+                         importance=True)
+
+    def local_result(self, broadcast, task: ClientTask, job: LocalJob) -> ClientResult:
+        global_state, masks = broadcast["state"], broadcast["masks"]
+        stats, y = job.stats, job.y
+        trained = {k: v.cpu() for k, v in job.trained.items() if k in global_state}
+        share = density(masks)
+        if self.reference:
+            forward, up, down = self.reference_cost(masks, task.instruction["mask_changed"])
+            payload = {"state": trained, "last_grads": {n: g.cpu() for n, g in job.context["last_grads"].items()}}
+        else:
+            forward, up = self.sparse_cost(masks)
+            down = up
+            payload = {"state": trained, "importance": {n: g.cpu() for n, g in job.grad_importance.items()},
+                       "dense_importance": job.dense_importance}
+        return ClientResult(
+            task.client_id, task.round, payload=payload, num_samples=len(y), train_loss=stats.loss,
+            train_acc=stats.accuracy, keep_ratio=share, flops=training_flops(forward, stats.samples),
+            bytes_up=up, bytes_down=down, metrics={"density": share})
+
+
+class PruneFL(Settings, Strategy):
+    Client = PruneFLClient
+    title = "PruneFL"
+    client_columns = round_columns = {"density": pa.float64()}
 
     # -- server side -------------------------------------------------------------------------------
     def setup(self, store):
@@ -379,19 +442,6 @@ class PruneFL(Strategy):
         log.info("prunefl (reference) initial phase on client %d: %d iterations, density %.4f", client,
                  len(flips), density(self.masks))
 
-    def _last_gradients(self, into: dict):
-        """Reference variant: hooks that keep the prunable weights' gradients of the last minibatch in
-        `into["last_grads"]` (the code reads `param.grad` after training)."""
-        def hooks(model) -> Hooks:
-            params = dict(model.named_parameters())
-
-            def keep(_batch_size):
-                into["last_grads"] = {n: params[n].grad.detach().clone() for n in self.prunable}
-
-            return Hooks(after_backward=keep)
-
-        return hooks
-
     def configure(self, rnd, clients):
         p = self.params
         if not self.initial_done:  # here rather than in setup: restoring a checkpoint calls setup first
@@ -465,48 +515,3 @@ class PruneFL(Strategy):
         self.initial_done = bool(state["initial_done"])
         self.mask_version = int(state["mask_version"])
         self.seen_version = {int(c): int(v) for c, v in state["seen_version"].items()}
-
-    # -- cost --------------------------------------------------------------------------------------
-    def sparse_cost(self, masks: Masks) -> tuple[float, int]:
-        """(forward FLOPs per sample, bytes of the model) at these masks (the module's cost rule)."""
-        forward, nbytes = float(self.forward_flops), self.dense_bytes
-        for name, m in masks.items():
-            kept, total = int(m.sum()), m.numel()
-            forward -= self.layer_flops[name] * (1 - kept / total)
-            nbytes += sparse_bytes(kept, total)
-        return forward, nbytes
-
-    def reference_cost(self, masks: Masks, mask_changed: bool) -> tuple[float, int, int]:
-        """Reference variant: (forward FLOPs per sample, bytes up, bytes down) as the code counts them."""
-        values = self.dense_bytes + 4 * sum(int(m.sum()) for m in masks.values())
-        mask_bytes = (sum(m.numel() for m in masks.values()) + 7) // 8
-        return float(self.forward_flops), values + mask_bytes, values + (mask_bytes if mask_changed else 0)
-
-    # -- client side -------------------------------------------------------------------------------
-    def local_job(self, broadcast, task: ClientTask) -> LocalJob:
-        bench = self.bench
-        masks = {n: m.to(bench.device) for n, m in broadcast["masks"].items()}
-        if self.reference:
-            context: dict = {}
-            return bench.job(task, broadcast["state"], clip_grad_norm=self.params.clip_grad_norm, weight_masks=masks,
-                             hooks=self._last_gradients(context), context=context)
-        return bench.job(task, broadcast["state"], clip_grad_norm=self.params.clip_grad_norm, weight_masks=masks,
-                         importance=True)
-
-    def local_result(self, broadcast, task: ClientTask, job: LocalJob) -> ClientResult:
-        global_state, masks = broadcast["state"], broadcast["masks"]
-        stats, y = job.stats, job.y
-        trained = {k: v.cpu() for k, v in job.trained.items() if k in global_state}
-        share = density(masks)
-        if self.reference:
-            forward, up, down = self.reference_cost(masks, task.instruction["mask_changed"])
-            payload = {"state": trained, "last_grads": {n: g.cpu() for n, g in job.context["last_grads"].items()}}
-        else:
-            forward, up = self.sparse_cost(masks)
-            down = up
-            payload = {"state": trained, "importance": {n: g.cpu() for n, g in job.grad_importance.items()},
-                       "dense_importance": job.dense_importance}
-        return ClientResult(
-            task.client_id, task.round, payload=payload, num_samples=len(y), train_loss=stats.loss,
-            train_acc=stats.accuracy, keep_ratio=share, flops=training_flops(forward, stats.samples),
-            bytes_up=up, bytes_down=down, metrics={"density": share})

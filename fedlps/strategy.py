@@ -73,7 +73,7 @@ from harness.cost import training_flops
 from harness.data import TEST_SET_SUFFIX, TEST_SETS
 from harness.records import ClientResult, ClientTask, Evaluation
 from harness.seeding import rng, seed_of
-from harness.strategy import MethodParams, Strategy
+from harness.strategy import Client, MethodParams, Strategy
 from harness.submodel import coordinate_masks, state_bytes, unit_l1_norms
 from harness.training import Hooks, LocalJob
 
@@ -109,7 +109,111 @@ class FedLPSParams(MethodParams):
         return self
 
 
+class FedLPSClient(Client):
+    def _initial_scores(self, task: ClientTask, global_state, generator) -> dict[str, torch.Tensor]:
+        bench, p = self.bench, self.params
+        if p.variant == "reference":
+            # Reference quirk (Models.WeightLayer): fresh sorted N(0, 1) scores every round, so each
+            # round starts from the prefix mask and nothing is learnt across rounds.
+            return init_scores_reference(bench.full_widths, generator)
+        if task.state is not None:
+            return {g: s.clone() for g, s in task.state.items()}
+        return init_scores_paper(unit_l1_norms(global_state, bench.layout), p.score_init_noise, generator)
+
+    # Masks fixed for the round (random, magnitude, ordered) batch: they are plain unit and update
+    # masks. Learnable masks change before every minibatch through hooks: those clients train alone.
+    def local_job(self, global_state, task: ClientTask) -> LocalJob:
+        bench, p = self.bench, self.params
+        rho = float(task.instruction["keep_ratio"])
+        generator = bench.generator(task.round, task.client_id)
+        widths = keep_widths(bench.full_widths, rho)
+        param_shapes = bench.param_shapes
+        lr = bench.lr(task.round)
+        learnable = p.mask == "learnable"
+        paper = p.variant == "paper"
+        current: dict[str, dict[str, torch.Tensor]] = {}  # the hard masks and coordinate masks in use
+        context = dict(rho=rho, widths=widths, current=current, scores={}, learnable=learnable, paper=paper)
+        if not learnable:
+            norms = unit_l1_norms(global_state, bench.layout) if p.mask == "magnitude" else None
+            hard = {g: m.to(bench.device) for g, m in
+                    fixed_masks(p.mask, widths, bench.full_widths, generator, norms).items()}
+            current.update(hard=hard, coords=coordinate_masks(bench.layout, param_shapes, hard))
+            return bench.job(task, global_state, generator=generator, clip_grad_norm=p.clip_grad_norm,
+                             unit_masks=hard, update_masks=current["coords"], context=context)
+
+        scores = {g: s.to(bench.device).requires_grad_(True)
+                  for g, s in self._initial_scores(task, global_state, generator).items()}
+        context["scores"] = scores
+
+        def hooks(model) -> Hooks:
+            def before_batch():
+                hard = {g: m.to(bench.device) for g, m in score_masks(scores, widths).items()}
+                current.update(hard=hard, coords=coordinate_masks(bench.layout, param_shapes, hard))
+                model.unit_masks = {g: straight_through(hard[g], scores[g]) for g in hard} if paper else hard
+
+            def regularizer():
+                with torch.no_grad():
+                    norms = unit_l1_norms(dict(model.named_parameters()), bench.layout)
+                    if not paper:
+                        # Reference quirk: the code computes the target from the weights after
+                        # masking, so a masked unit's target is sigmoid(0) = 0.5.
+                        norms = {g: v * current["hard"][g] for g, v in norms.items()}
+                return score_regularizer(scores, norms, p.lam, per_unit=paper)
+
+            def after_backward(_batch_size):
+                # Reference quirk: the code multiplies the scores' gradients by the mask, so only the
+                # kept units' scores move.
+                for g, s in scores.items():
+                    if s.grad is not None:
+                        s.grad.mul_(current["hard"][g])
+
+            return Hooks(before_batch=before_batch, regularizer=regularizer if p.lam > 0 else None,
+                         after_backward=None if paper else after_backward, update_masks=lambda: current["coords"],
+                         extra_params=list(scores.values()), extra_lr=p.score_lr if p.score_lr is not None else lr)
+
+        return bench.job(task, global_state, generator=generator, clip_grad_norm=p.clip_grad_norm, hooks=hooks,
+                         context=context)
+
+    def local_result(self, global_state, task: ClientTask, job: LocalJob) -> ClientResult:
+        bench = self.bench
+        stats, y = job.stats, job.y
+        rho, widths, current, scores = (job.context[k] for k in ("rho", "widths", "current", "scores"))
+        learnable, paper = job.context["learnable"], job.context["paper"]
+
+        # The personalised model: the trained weights with the mask of the last minibatch (the one
+        # its weights were trained under; the scores have moved one step since).
+        hard = {g: m.detach() for g, m in current["hard"].items()}
+        model = bench.trained_model(job)
+        model.unit_masks = hard
+        acc_personal = bench.accuracy_on_client(model, task.client_id)
+
+        trained = {k: v.cpu() for k, v in job.trained.items() if k in global_state}
+        hard_cpu = {g: m.cpu() for g, m in hard.items()}
+        coords = coordinate_masks(bench.layout, {k: v.shape for k, v in trained.items()}, hard_cpu)
+        update, bytes_up = {}, 0
+        for k, w in trained.items():
+            delta = w - global_state[k].to(w.dtype)
+            if k in coords:
+                delta = delta * coords[k].to(delta.dtype)
+                bytes_up += int(coords[k].sum()) * w.element_size()
+            else:
+                bytes_up += w.numel() * w.element_size()
+            update[k] = delta
+        bytes_up += (sum(bench.full_widths.values()) + 7) // 8
+
+        metrics = {f"acc_personal{TEST_SET_SUFFIX[kind]}": acc for kind, acc in acc_personal.items()}
+        if "arm_low" in task.instruction:
+            metrics.update(arm_low=task.instruction["arm_low"], arm_high=task.instruction["arm_high"])
+        new_state = {g: s.detach().cpu().clone() for g, s in scores.items()} if (learnable and paper) else None
+        return ClientResult(
+            task.client_id, task.round, payload=update, num_samples=len(y), train_loss=stats.loss,
+            train_acc=stats.accuracy, keep_ratio=rho,
+            flops=training_flops(bench.flops.forward(widths), stats.samples),
+            bytes_up=bytes_up, bytes_down=state_bytes(global_state), metrics=metrics, state=new_state)
+
+
 class FedLPS(Strategy):
+    Client = FedLPSClient
     Params = FedLPSParams
     title = "FedLPS"
     client_columns = {"arm_low": pa.float64(), "arm_high": pa.float64(),
@@ -217,105 +321,3 @@ class FedLPS(Strategy):
     def load_state_dict(self, state):
         self.global_state = state["global_state"]
         self.personal_acc = {kind: np.asarray(acc, dtype=float) for kind, acc in state["personal_acc"].items()}
-
-    # -- client ------------------------------------------------------------------------------------
-    def _initial_scores(self, task: ClientTask, global_state, generator) -> dict[str, torch.Tensor]:
-        bench, p = self.bench, self.params
-        if p.variant == "reference":
-            # Reference quirk (Models.WeightLayer): fresh sorted N(0, 1) scores every round, so each
-            # round starts from the prefix mask and nothing is learnt across rounds.
-            return init_scores_reference(bench.full_widths, generator)
-        if task.state is not None:
-            return {g: s.clone() for g, s in task.state.items()}
-        return init_scores_paper(unit_l1_norms(global_state, bench.layout), p.score_init_noise, generator)
-
-    # Masks fixed for the round (random, magnitude, ordered) batch: they are plain unit and update
-    # masks. Learnable masks change before every minibatch through hooks: those clients train alone.
-    def local_job(self, global_state, task: ClientTask) -> LocalJob:
-        bench, p = self.bench, self.params
-        rho = float(task.instruction["keep_ratio"])
-        generator = bench.generator(task.round, task.client_id)
-        widths = keep_widths(bench.full_widths, rho)
-        param_shapes = bench.param_shapes
-        lr = bench.lr(task.round)
-        learnable = p.mask == "learnable"
-        paper = p.variant == "paper"
-        current: dict[str, dict[str, torch.Tensor]] = {}  # the hard masks and coordinate masks in use
-        context = dict(rho=rho, widths=widths, current=current, scores={}, learnable=learnable, paper=paper)
-        if not learnable:
-            norms = unit_l1_norms(global_state, bench.layout) if p.mask == "magnitude" else None
-            hard = {g: m.to(bench.device) for g, m in
-                    fixed_masks(p.mask, widths, bench.full_widths, generator, norms).items()}
-            current.update(hard=hard, coords=coordinate_masks(bench.layout, param_shapes, hard))
-            return bench.job(task, global_state, generator=generator, clip_grad_norm=p.clip_grad_norm,
-                             unit_masks=hard, update_masks=current["coords"], context=context)
-
-        scores = {g: s.to(bench.device).requires_grad_(True)
-                  for g, s in self._initial_scores(task, global_state, generator).items()}
-        context["scores"] = scores
-
-        def hooks(model) -> Hooks:
-            def before_batch():
-                hard = {g: m.to(bench.device) for g, m in score_masks(scores, widths).items()}
-                current.update(hard=hard, coords=coordinate_masks(bench.layout, param_shapes, hard))
-                model.unit_masks = {g: straight_through(hard[g], scores[g]) for g in hard} if paper else hard
-
-            def regularizer():
-                with torch.no_grad():
-                    norms = unit_l1_norms(dict(model.named_parameters()), bench.layout)
-                    if not paper:
-                        # Reference quirk: the code computes the target from the weights after
-                        # masking, so a masked unit's target is sigmoid(0) = 0.5.
-                        norms = {g: v * current["hard"][g] for g, v in norms.items()}
-                return score_regularizer(scores, norms, p.lam, per_unit=paper)
-
-            def after_backward(_batch_size):
-                # Reference quirk: the code multiplies the scores' gradients by the mask, so only the
-                # kept units' scores move.
-                for g, s in scores.items():
-                    if s.grad is not None:
-                        s.grad.mul_(current["hard"][g])
-
-            return Hooks(before_batch=before_batch, regularizer=regularizer if p.lam > 0 else None,
-                         after_backward=None if paper else after_backward, update_masks=lambda: current["coords"],
-                         extra_params=list(scores.values()), extra_lr=p.score_lr if p.score_lr is not None else lr)
-
-        return bench.job(task, global_state, generator=generator, clip_grad_norm=p.clip_grad_norm, hooks=hooks,
-                         context=context)
-
-    def local_result(self, global_state, task: ClientTask, job: LocalJob) -> ClientResult:
-        bench = self.bench
-        stats, y = job.stats, job.y
-        rho, widths, current, scores = (job.context[k] for k in ("rho", "widths", "current", "scores"))
-        learnable, paper = job.context["learnable"], job.context["paper"]
-
-        # The personalised model: the trained weights with the mask of the last minibatch (the one
-        # its weights were trained under; the scores have moved one step since).
-        hard = {g: m.detach() for g, m in current["hard"].items()}
-        model = bench.trained_model(job)
-        model.unit_masks = hard
-        acc_personal = bench.accuracy_on_client(model, task.client_id)
-
-        trained = {k: v.cpu() for k, v in job.trained.items() if k in global_state}
-        hard_cpu = {g: m.cpu() for g, m in hard.items()}
-        coords = coordinate_masks(bench.layout, {k: v.shape for k, v in trained.items()}, hard_cpu)
-        update, bytes_up = {}, 0
-        for k, w in trained.items():
-            delta = w - global_state[k].to(w.dtype)
-            if k in coords:
-                delta = delta * coords[k].to(delta.dtype)
-                bytes_up += int(coords[k].sum()) * w.element_size()
-            else:
-                bytes_up += w.numel() * w.element_size()
-            update[k] = delta
-        bytes_up += (sum(bench.full_widths.values()) + 7) // 8
-
-        metrics = {f"acc_personal{TEST_SET_SUFFIX[kind]}": acc for kind, acc in acc_personal.items()}
-        if "arm_low" in task.instruction:
-            metrics.update(arm_low=task.instruction["arm_low"], arm_high=task.instruction["arm_high"])
-        new_state = {g: s.detach().cpu().clone() for g, s in scores.items()} if (learnable and paper) else None
-        return ClientResult(
-            task.client_id, task.round, payload=update, num_samples=len(y), train_loss=stats.loss,
-            train_acc=stats.accuracy, keep_ratio=rho,
-            flops=training_flops(bench.flops.forward(widths), stats.samples),
-            bytes_up=bytes_up, bytes_down=state_bytes(global_state), metrics=metrics, state=new_state)

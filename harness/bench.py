@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from harness.config import DataConfig, ExperimentConfig, expand, method_params
+from harness.config import DataConfig, ExperimentConfig, expand
 from harness.engine import ClientRunner, SerialEngine, cuda_graphs_enabled
 from harness.errors import ConfigError, UserError
 from harness.records import ClientResult, ClientSlot, ClientTask
@@ -152,7 +152,7 @@ class PeakMemory:
 
 
 def _strategy(bench: Workbench):
-    return method_class(bench.cfg.method.name)(bench, method_params(bench.cfg))
+    return method_class(bench.cfg.method.name)(bench, bench.method_params)
 
 
 def _rounds(bench: Workbench, rounds: int):
@@ -224,7 +224,7 @@ def _init_limit(cfg_json: str, threads: int, device: str = "cpu") -> None:
     torch.set_num_threads(threads)
     cfg = ExperimentConfig.model_validate_json(cfg_json)
     bench = Workbench(cfg, device=device)
-    _worker["runner"] = ClientRunner(bench, _strategy(bench), cfg.engine.model_copy(update={"batch_clients": False}))
+    _worker["runner"] = ClientRunner(bench, cfg.engine.model_copy(update={"batch_clients": False}))
 
 
 def _limit_chunk(payload: bytes) -> bytes:
@@ -314,12 +314,11 @@ def run_bench(clients_per_round: int = 10, rounds: int = 10, clients: int = 100,
         dataset, dataset_label = (None, "mnist-5k") if workload_name == "mnist" else cifar_dataset(folder)
         cfg = workload(clients, clients_per_round, executors, cpus_per_executor, workload_name, dataset, device, epochs)
         bench = Workbench(cfg, device=device)
-        strategy = _strategy(bench)
         threads = torch_threads(cpus_per_executor)
         serial = SerialEngine(cfg.engine)
-        serial.start(bench, strategy)
+        serial.start(bench)
         batched = SerialEngine(cfg.engine.model_copy(update={"batch_clients": True}))
-        batched.start(bench, strategy)
+        batched.start(bench)
         serial_s, batched_s = _time(bench, rounds, serial.run, batched.run)
 
         # Memory is sampled while the Ray pool starts and over two rounds after the timed ones, with

@@ -3,9 +3,11 @@ gives the same numbers on either engine.
 
 An engine satisfies `Engine`: the serial engine (here) runs the tasks in this process; the Ray engine
 (harness/ray_engine.py) on a pool of executor actors. Both run a call's tasks through a
-`ClientRunner`: each task's LocalJob (the method's description of the client's training) is trained
-one by one, or, with `engine.batch_clients`, together with the jobs of its shape as one batched
-program (harness/batched/), from captured CUDA graphs where `engine.cuda_graphs` allows.
+`ClientRunner`, on the method's client half built in that process from (method parameters, the
+process's Workbench): each task's LocalJobs (the method's description of the client's training) are
+trained one by one, or, with `engine.batch_clients`, together with the jobs of their shape and rule
+as one batched program (harness/batched/), from captured CUDA graphs where `engine.cuda_graphs`
+allows.
 """
 from __future__ import annotations
 
@@ -16,13 +18,14 @@ import torch
 
 from harness.batched import GraphCache, train_jobs
 from harness.records import ClientResult, ClientTask
-from harness.training import LocalJob, threads, torch_threads, train_one
+from harness.registry import method_class
+from harness.training import LocalJob, threads, torch_threads
 
 
 class Engine(Protocol):
     name: str
 
-    def start(self, bench, strategy) -> None:
+    def start(self, bench) -> None:
         """Get ready to run the experiment's tasks (`bench`: the driver's Workbench)."""
 
     def run(self, broadcast: Any, tasks: list[ClientTask]) -> list[ClientResult]:
@@ -52,46 +55,49 @@ def cuda_graphs_enabled(cfg, device) -> bool:
 
 
 class ClientRunner:
-    """Runs a call's tasks in this process with `strategy` and `bench` (this process's Workbench).
+    """Runs a call's tasks in this process on the method's client half, built here from the method's
+    parameters and `bench` (this process's Workbench).
 
-    One by one, each job is prepared, trained on this process's model of its spec and turned into
-    its result before the next (one model per spec in memory). Batched, all jobs are prepared, then
-    trained by group, then turned into results. A client that raises anywhere becomes a failed
-    result; the others go on."""
+    Each task is the generator `client.work(broadcast, task)`, which yields jobs and returns the
+    result. One by one, a task runs to its end before the next (one model per spec in memory).
+    Batched, every task advances to its next yield, the jobs of all tasks are trained by group, and
+    so on until every task has returned. A client that raises anywhere becomes a failed result;
+    the others go on."""
 
-    def __init__(self, bench, strategy, engine_cfg):
-        self.bench, self.strategy = bench, strategy
+    def __init__(self, bench, engine_cfg, client=None):
+        self.bench = bench
+        self.client = client or method_class(bench.cfg.method.name).client(bench, bench.method_params)
         self.batch = batching_enabled(engine_cfg, bench.device)
         self.graphs = GraphCache() if self.batch and cuda_graphs_enabled(engine_cfg, bench.device) else None
 
     def run(self, broadcast, tasks: list[ClientTask]) -> list[ClientResult]:
         if not self.batch:
-            return [self.run_one(broadcast, task) for task in tasks]
+            return [self._run_all(broadcast, [task])[0] for task in tasks]
+        return self._run_all(broadcast, tasks)
+
+    def _run_all(self, broadcast, tasks: list[ClientTask]) -> list[ClientResult]:
         results: list[ClientResult | None] = [None] * len(tasks)
-        pending: list[tuple[int, LocalJob]] = []
-        for i, task in enumerate(tasks):
-            try:
-                pending.append((i, self.strategy.local_job(broadcast, task)))
-            except Exception as e:  # noqa: BLE001 - a client's failure is data, not a crash
-                results[i] = failed_result(task, e)
-        errors = train_jobs([job for _, job in pending], self.bench, self.graphs)
-        for (i, job), error in zip(pending, errors):
-            results[i] = failed_result(tasks[i], error) if error is not None else self._result(broadcast, tasks[i], job)
+        works = {i: self.client.work(broadcast, task) for i, task in enumerate(tasks)}
+        while works:
+            pending: list[tuple[int, LocalJob]] = []
+            for i in list(works):
+                try:
+                    yielded = works[i].send(None)
+                except StopIteration as done:
+                    results[i] = done.value
+                    del works[i]
+                    continue
+                except Exception as e:  # noqa: BLE001 - a client's failure is data, not a crash
+                    results[i] = failed_result(tasks[i], e)
+                    del works[i]
+                    continue
+                pending += [(i, job) for job in (yielded if isinstance(yielded, list) else [yielded])]
+            errors = train_jobs([job for _, job in pending], self.bench, self.graphs, batch=self.batch)
+            for (i, _), error in zip(pending, errors):
+                if error is not None and i in works:
+                    works.pop(i).close()
+                    results[i] = failed_result(tasks[i], error)
         return results  # type: ignore[return-value]
-
-    def run_one(self, broadcast, task: ClientTask) -> ClientResult:
-        try:
-            job = self.strategy.local_job(broadcast, task)
-            train_one(job, self.bench.loaded)
-        except Exception as e:  # noqa: BLE001
-            return failed_result(task, e)
-        return self._result(broadcast, task, job)
-
-    def _result(self, broadcast, task: ClientTask, job: LocalJob) -> ClientResult:
-        try:
-            return self.strategy.local_result(broadcast, task, job)
-        except Exception as e:  # noqa: BLE001
-            return failed_result(task, e)
 
 
 class SerialEngine:
@@ -103,8 +109,8 @@ class SerialEngine:
         self.cfg = cfg
         self.threads = torch_threads(cfg.cpus_per_executor)
 
-    def start(self, bench, strategy) -> None:
-        self.runner = ClientRunner(bench, strategy, self.cfg)
+    def start(self, bench) -> None:
+        self.runner = ClientRunner(bench, self.cfg)
 
     def run(self, broadcast, tasks: list[ClientTask]) -> list[ClientResult]:
         with threads(self.threads):

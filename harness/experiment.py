@@ -105,7 +105,7 @@ class Experiment:
         self.out_dir = storage.resolve(cfg.out) / cfg.name
         self.bench = Workbench(cfg)
         method = method_class(cfg.method.name)
-        self.strategy = method(self.bench, method_params(cfg))
+        self.strategy = method(self.bench, self.bench.method_params)
         self.round_columns = declared_columns("round", cfg.method.name)
         self.client_columns = declared_columns("client", cfg.method.name)
         self.rounds_schema = with_columns(ROUNDS, self.round_columns)
@@ -155,7 +155,7 @@ class Experiment:
         bar = None
         last_checkpoint = self.next_round
         try:
-            engine.start(self.bench, self.strategy)  # a pool the cluster cannot hold fails before any write
+            engine.start(self.bench)  # a pool the cluster cannot hold fails before any write
             self._clear_stale()
             write_yaml(self.out_dir / "config.yaml", portable(cfg))
             if self.progress:

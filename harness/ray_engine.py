@@ -19,11 +19,10 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from harness.config import EngineConfig, ExperimentConfig, method_params
+from harness.config import EngineConfig, ExperimentConfig
 from harness.engine import ClientRunner
 from harness.errors import UserError
 from harness.records import ClientResult, ClientTask
-from harness.registry import method_class
 from harness.training import torch_threads
 from harness.workbench import Workbench
 
@@ -44,8 +43,7 @@ class Executor:
         device = "cuda" if use_cuda and torch.cuda.is_available() else "cpu"
         cfg = ExperimentConfig.model_validate_json(cfg_json)
         self.bench = Workbench(cfg, device=device, dataset=dataset)
-        self.strategy = method_class(cfg.method.name)(self.bench, method_params(cfg))
-        self.runner = ClientRunner(self.bench, self.strategy, cfg.engine)
+        self.runner = ClientRunner(self.bench, cfg.engine)
 
     def ready(self) -> dict:
         import torch
@@ -145,8 +143,8 @@ class RayEngine:
     def executor_info(self) -> list[dict]:
         return [i for pool in self.pools for i in pool.info]
 
-    def start(self, bench, strategy=None) -> None:
-        """Start the pools for `bench`'s experiment; each executor builds its own copy of the strategy."""
+    def start(self, bench) -> None:
+        """Start the pools for `bench`'s experiment; each executor builds the method's client half."""
         import ray
 
         connect(self.cfg.include_dashboard)

@@ -17,6 +17,7 @@ from harness.strategy import Strategy
 
 BUILT_IN = {
     "fedavg": "baselines.fedavg:FedAvg",
+    "fedprox": "baselines.fedprox:FedProx",
     "heterofl": "baselines.heterofl:HeteroFL",
     "fedrolex": "baselines.fedrolex:FedRolex",
     "prunefl": "baselines.prunefl:PruneFL",

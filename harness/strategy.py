@@ -1,15 +1,24 @@
-"""The Strategy interface: what a federated method is.
+"""What a federated method is: a server half (`Strategy`) and a client half (`Client`).
 
+The server half (one object, in the driver) holds the server state:
 - configure: what each sampled client receives (a broadcast shared by the round, plus a small
   per-client instruction such as its keep ratio);
-- local_job: the client's local training described as data (harness.training.LocalJob: its model,
-  data, masks and hyper-parameters), a pure function of the broadcast, the instruction and the
-  client's personal state; the engine trains it wherever and however it runs clients (in process or
-  on a Ray executor; one by one or batched);
-- local_result: the trained job turned into what the client uploads;
 - aggregate: how the server combines the kept results, in the fixed order of the client ids, and
   what it makes of the dropped ones;
-- evaluate: how each client's model is evaluated.
+- evaluate: how each client's model is evaluated;
+- state_dict / load_state_dict: everything needed to resume.
+
+The client half is built, the same way by every engine (the serial one included) and in every
+process that runs client work, from the method's parameters and the process's Workbench (data,
+models, FLOP meter, the frozen spec: what a client may read). It holds no server state; its work is
+a pure function of the broadcast, the instruction and the client's personal state:
+- local_job: the client's local training described as data (harness.training.LocalJob: its model,
+  data, masks, hyper-parameters and, for a method with its own rule, its `LocalRule`); the engine
+  trains it wherever and however it runs clients (in process or on a Ray executor; one by one or
+  batched);
+- local_result: the trained job turned into what the client uploads;
+- or `work`, a generator that yields jobs (one, or a list) as many times as the method trains and
+  returns the result, for methods that train more than once per round (Ditto, FedRep).
 
 A method never touches Ray and the engine never branches on a method. A method states the extra
 columns it writes (`client_columns`, `round_columns`, with their Arrow types). Methods are found
@@ -17,7 +26,7 @@ through harness/registry.py.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generator
 
 import pyarrow as pa
 import torch.nn as nn
@@ -41,7 +50,30 @@ class MethodParams(BaseModel):
         return v
 
 
+class Client:
+    """The client half of a method. `bench`: the process's Workbench (the context a client may read);
+    `params`: the method's parameters."""
+
+    def __init__(self, bench, params: BaseModel):
+        self.bench = bench
+        self.params = params
+
+    def work(self, broadcast: Any, task: ClientTask) -> Generator[LocalJob | list[LocalJob], None, ClientResult]:
+        """The client's round: yields the jobs to train (the engine writes their outputs into them and
+        resumes) and returns the result. Default: one job, `local_job` then `local_result`."""
+        job = self.local_job(broadcast, task)
+        yield job
+        return self.local_result(broadcast, task, job)
+
+    def local_job(self, broadcast: Any, task: ClientTask) -> LocalJob:
+        raise NotImplementedError
+
+    def local_result(self, broadcast: Any, task: ClientTask, job: LocalJob) -> ClientResult:
+        raise NotImplementedError
+
+
 class Strategy:
+    Client: ClassVar[type[Client]] = Client  # the method's client half
     Params: ClassVar[type[BaseModel]] = MethodParams
     title: ClassVar[str] = ""  # the method's name in tables and figures ("HeteroFL"); default: the class name
     client_columns: ClassVar[dict[str, pa.DataType]] = {}  # the keys of ClientResult.metrics
@@ -94,9 +126,7 @@ class Strategy:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
-    # -- client side (wherever the engine runs it) -------------------------------------------------
-    def local_job(self, broadcast: Any, task: ClientTask) -> LocalJob:
-        raise NotImplementedError
-
-    def local_result(self, broadcast: Any, task: ClientTask, job: LocalJob) -> ClientResult:
-        raise NotImplementedError
+    @classmethod
+    def client(cls, bench, params: BaseModel) -> Client:
+        """The client half, as every engine builds it in the process that runs client work."""
+        return cls.Client(bench, params)

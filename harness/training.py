@@ -7,6 +7,12 @@ The rule of local SGD, shared by both trainers:
 - clipping: `clip_coefficient` (as torch.nn.utils.clip_grad_norm_: the norm of the per-tensor norms);
 - the step: `sgd_directions` (gradient plus weight decay, through the momentum buffer, times the
   update masks); the parameters then move by -lr times the direction.
+
+A method that trains by another rule brings a `LocalRule` in its own module: a term added to the
+loss (`penalty`, e.g. FedProx's proximal term) and/or its own step (`step`, e.g. Per-FedAvg's
+meta-step), written as pure tensor code over one client's parameters and `StepOps`. Jobs with a rule
+run through the functional program of harness/batched/, one by one as a group of one and batched as
+a vmapped group, so the same code gives the same numbers either way.
 """
 from __future__ import annotations
 
@@ -86,6 +92,51 @@ def sgd_directions(params: list[torch.Tensor], grads: list[torch.Tensor], *, wei
     return d
 
 
+# -- a method's own rule ------------------------------------------------------------------------------
+class StepOps(Protocol):
+    """What a `LocalRule.step` may call. `params` and gradients are dicts of the model's parameters;
+    in the batched program every tensor carries a leading client dimension, which the rule never
+    sees: it uses these operations for anything per client and plain element-wise arithmetic (with
+    Python numbers) for the rest, so the same code runs one by one and batched."""
+
+    def grad(self, params: dict[str, torch.Tensor], batch) -> dict[str, torch.Tensor]:
+        """Gradients of the job's loss (cross-entropy with its class and unit masks, plus the rule's
+        penalty) at `params` on `batch`. The first call of a step is the one whose loss, accuracy,
+        importance and BN statistics the job records."""
+
+    def hvp(self, params: dict[str, torch.Tensor], batch, vector: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The Hessian of the same loss at `params` on `batch` times `vector`."""
+
+    def sgd(self, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
+            lr: float | None = None) -> dict[str, torch.Tensor]:
+        """New parameters by the job's SGD settings: clipping, weight decay, momentum (its buffer
+        advances once per call), update masks, and the round's lr (or `lr`)."""
+
+    def descend(self, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
+                lr: float | None = None) -> dict[str, torch.Tensor]:
+        """params - lr x grads, nothing else (the round's lr, or `lr`)."""
+
+
+class LocalRule:
+    """A method's local training rule: the default is plain local SGD on the cross-entropy.
+
+    Subclasses override `penalty` (a term added to the loss, a pure function of one client's
+    parameters and its `anchor` tensors, LocalJob.anchor), `step` (one local step from
+    `batches_per_step` minibatches), or both; `key` names the rule and its hyper-parameters: jobs
+    batch together only under equal keys, and a captured CUDA graph is reused only for its key."""
+
+    batches_per_step: int = 1
+
+    def key(self) -> tuple:
+        return (type(self).__module__, type(self).__qualname__, tuple(sorted(vars(self).items())))
+
+    def penalty(self, params: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        return None
+
+    def step(self, ops: StepOps, params: dict[str, torch.Tensor], batches: list) -> dict[str, torch.Tensor]:
+        return ops.sgd(params, ops.grad(params, batches[0]))
+
+
 # -- what a client trains -----------------------------------------------------------------------------
 @dataclass
 class Hooks:
@@ -122,6 +173,9 @@ class LocalJob:
     importance: accumulate sum over steps of grad^2 x batch size (before clipping): per coordinate of
       the weight-masked tensors (`grad_importance`), one total over the others (`dense_importance`).
     hooks: a function of the model being trained that returns its `Hooks` (trains one by one).
+    rule: the method's LocalRule (None: plain SGD on the fast one-by-one path); anchor: per-client
+      tensors its penalty reads (e.g. the global model); max_steps: stop after this many steps
+      (partial work); `train` may differ per job (epochs, batch size).
     context: the method's own data, for building its result.
 
     Outputs: `trained` (the model's tensors after training, detached copies), `stats`, and the
@@ -141,15 +195,27 @@ class LocalJob:
     weight_masks: dict[str, torch.Tensor] | None = None
     importance: bool = False
     hooks: Callable[[nn.Module], Hooks] | None = None
+    rule: LocalRule | None = None
+    anchor: dict[str, torch.Tensor] | None = None
+    max_steps: int | None = None
     context: Any = None
     trained: dict[str, torch.Tensor] | None = None
     stats: TrainStats | None = None
     grad_importance: dict[str, torch.Tensor] | None = None
     dense_importance: float = 0.0
 
+    def __post_init__(self):
+        if self.hooks is not None and (self.rule is not None or self.anchor is not None):
+            raise ValueError("a LocalJob has hooks or a rule, not both")
+
     @property
     def batchable(self) -> bool:
         return self.hooks is None and len(self.y) > 0
+
+    @property
+    def functional(self) -> bool:
+        """Trained by the functional program (harness/batched/), alone or batched: jobs with a rule."""
+        return self.rule is not None and len(self.y) > 0
 
 
 def load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], fresh_buffers: dict[str, torch.Tensor]) -> None:
@@ -219,6 +285,8 @@ def train_alone(job: LocalJob, model: nn.Module) -> None:
     correct = torch.zeros((), dtype=torch.int64, device=device)
     samples = steps = 0
     for batch in minibatches(len(job.y), train.batch_size, train.epochs, job.generator):
+        if job.max_steps is not None and steps >= job.max_steps:
+            break
         batch = batch.to(device)
         xb, yb = job.x[batch], job.y[batch]
         if hooks.before_batch is not None:

@@ -11,19 +11,21 @@ import numpy as np
 import torch
 
 from harness.availability import Availability
-from harness.config import ExperimentConfig
+from harness.batched.groups import train_alone
+from harness.config import ExperimentConfig, method_params
 from harness.cost import DeviceAssigner, FlopMeter
 from harness.data import TEST_SETS, ClientData, Dataset, load_dataset, partition
 from harness.models import ModelSpec, UnitModel, build_model, resolve_model_name
 from harness.records import ClientTask, Evaluation
 from harness.seeding import seed_of, torch_generator
 from harness.training import (LocalJob, SGDSettings, calibrate_batchnorm, correct_per_sample, load_tensors, threads,
-                              torch_threads, train_one)
+                              torch_threads)
 
 
 class Workbench:
     def __init__(self, cfg: ExperimentConfig, device: str = "cpu", dataset: Dataset | None = None):
         self.cfg = cfg
+        self.method_params = method_params(cfg)
         self.device = torch.device(device)
         self.dataset = dataset if dataset is not None else load_dataset(cfg.data)
         self.clients: list[ClientData] = partition(
@@ -79,7 +81,7 @@ class Workbench:
         """Train a job in this process as an executor would (its thread count): for training on the
         server, such as PruneFL's initial pruning."""
         with threads(torch_threads(self.cfg.engine.cpus_per_executor)):
-            train_one(job, self.loaded)
+            train_alone(job, self)
 
     def init_global_state(self) -> dict[str, torch.Tensor]:
         with torch.random.fork_rng(devices=[]):

@@ -93,24 +93,34 @@ def tier(cap: float, compute_mflops: float = 744448):
 
 def started(cfg, device: str = "cpu"):
     """(Workbench, strategy) of `cfg`, the strategy set up as the round loop sets it up."""
-    from harness.config import method_params
     from harness.registry import method_class
     from harness.state import MemoryStore
     from harness.workbench import Workbench
 
     bench = Workbench(cfg, device=device)
-    strategy = method_class(cfg.method.name)(bench, method_params(cfg))
+    strategy = method_class(cfg.method.name)(bench, bench.method_params)
     strategy.setup(MemoryStore())
     return bench, strategy
 
 
+def client_of(strategy):
+    """The method's client half, built as every engine builds it."""
+    return type(strategy).client(strategy.bench, strategy.params)
+
+
 def local_update(strategy, broadcast, task):
     """One client's work in this process, one by one; exceptions propagate."""
-    from harness.training import train_alone
+    from harness.batched.groups import train_alone
 
-    job = strategy.local_job(broadcast, task)
-    train_alone(job, strategy.bench.loaded(job))
-    return strategy.local_result(broadcast, task, job)
+    work = client_of(strategy).work(broadcast, task)
+    try:
+        jobs = next(work)
+        while True:
+            for job in jobs if isinstance(jobs, list) else [jobs]:
+                train_alone(job, strategy.bench)
+            jobs = work.send(None)
+    except StopIteration as done:
+        return done.value
 
 
 def local_update_batch(strategy, broadcast, tasks, **engine):
@@ -118,7 +128,8 @@ def local_update_batch(strategy, broadcast, tasks, **engine):
     from harness.config import EngineConfig
     from harness.engine import ClientRunner
 
-    return ClientRunner(strategy.bench, strategy, EngineConfig(batch_clients=True, **engine)).run(broadcast, tasks)
+    runner = ClientRunner(strategy.bench, EngineConfig(batch_clients=True, **engine), client_of(strategy))
+    return runner.run(broadcast, tasks)
 
 
 def round_tasks(bench, strategy, rnd, clients, caps=None):

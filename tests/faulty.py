@@ -1,22 +1,25 @@
 """A test-only strategy, loaded by import path (method.name: tests.faulty:FailingFedAvg)."""
 
-from baselines.fedavg import FedAvg
-from harness.strategy import MethodParams, Strategy
+from baselines.fedavg import FedAvg, FedAvgClient
+from harness.strategy import Client, MethodParams, Strategy
 
 
 class FailingParams(MethodParams):
     fail_clients: list[int] = []
 
 
-class FailingFedAvg(FedAvg):
-    """FedAvg whose listed clients raise in local training."""
-
-    Params = FailingParams
-
+class FailingClient(FedAvgClient):
     def local_job(self, global_state, task):
         if task.client_id in self.params.fail_clients:
             raise RuntimeError(f"client {task.client_id} broke on purpose")
         return super().local_job(global_state, task)
+
+
+class FailingFedAvg(FedAvg):
+    """FedAvg whose listed clients raise in local training."""
+
+    Client = FailingClient
+    Params = FailingParams
 
 
 class CrashOnceParams(MethodParams):
@@ -39,12 +42,7 @@ class CrashOnceFedAvg(FedAvg):
         return super().aggregate(rnd, kept, dropped)
 
 
-class Instant(Strategy):
-    """No training at all: every client returns at once (for tests of the round loop's bookkeeping)."""
-
-    def configure(self, rnd, clients):
-        return None, [None] * len(clients)
-
+class InstantClient(Client):
     def local_job(self, broadcast, task):
         import torch
 
@@ -58,6 +56,15 @@ class Instant(Strategy):
 
         return ClientResult(task.client_id, task.round, num_samples=1, train_loss=0.5, train_acc=0.5, flops=1.0,
                             bytes_up=1, bytes_down=1)
+
+
+class Instant(Strategy):
+    """No training at all: every client returns at once (for tests of the round loop's bookkeeping)."""
+
+    Client = InstantClient
+
+    def configure(self, rnd, clients):
+        return None, [None] * len(clients)
 
     def aggregate(self, rnd, kept, dropped):
         return {}

@@ -10,7 +10,7 @@ import torch
 
 import harness.batched.groups as groups_module
 import harness.batched.program as program_module
-from baselines.fedavg import FedAvg
+from baselines.fedavg import FedAvg, FedAvgClient
 from harness.batched import GraphCache
 from harness.batched.schedule import schedule
 from harness.engine import batching_enabled, cuda_graphs_enabled
@@ -18,7 +18,7 @@ from harness.errors import ConfigError
 from harness.experiment import Experiment
 from harness.state import MemoryStore
 from harness.strategy import MethodParams
-from conftest import local_update, local_update_batch, round_tasks, started, write_tiny_rgb
+from conftest import client_of, local_update, local_update_batch, round_tasks, started, write_tiny_rgb
 
 SERIAL = {"engine.backend": "serial"}
 UNEVEN = {"data.split.kind": "dirichlet", "data.split.alpha": 1.0}  # different sizes: steps and last batches differ
@@ -36,13 +36,16 @@ class Precision:
 
 @pytest.fixture(params=["float32", "float64"])
 def precision(request, monkeypatch):
-    """Compare in float32 (tolerance 1e-5) or float64 (1e-9). The paths sum in different orders, and
-    SGD amplifies such rounding differences over many steps (over ~50 steps at lr 0.1 and momentum
-    0.9, two float32 runs of one client part by 0.3), so in float32 the CNN tests use 100 clients in
-    all (about 20 to 50 samples each: a few steps). In float64 the two paths agree to ~1e-13 even
-    over long runs, which checks that their semantics are the same."""
+    """Compare exactly in float64 (1e-9) and loosely in float32 (1e-3). The two paths sum in
+    different orders (vmapped kernels; AVX2 or AVX-512 by CPU), and local SGD amplifies such rounding
+    differences step after step: over ~50 steps at lr 0.1 and momentum 0.9 two float32 runs of one
+    client part by 0.3, and BN over minibatches of 4 images grows a 1e-7 difference to 1e-4 within
+    five steps on an AVX-512 CPU. So float64, where the paths agree to ~1e-13 even over long runs, is
+    the check that their semantics are the same; float32 (few steps: 100 clients of 20-50 samples for
+    the CNN) checks that nothing differs by a step: a missing mask or a wrong update moves weights by
+    about lr x gradient, 1e-2 or more."""
     if request.param == "float32":
-        yield Precision(1e-5, {"clients.total": 100})
+        yield Precision(1e-3, {"clients.total": 100})
         return
     from harness.data import Dataset
 
@@ -197,15 +200,18 @@ class BrokenParams(MethodParams):
     broken: list[int] = []
 
 
-class BrokenFedAvg(FedAvg):
-    """FedAvg whose listed clients raise while their job is prepared (before any training)."""
-
-    Params = BrokenParams
-
+class BrokenClient(FedAvgClient):
     def local_job(self, global_state, task):
         if task.client_id in self.params.broken:
             raise RuntimeError(f"client {task.client_id} broke on purpose")
         return super().local_job(global_state, task)
+
+
+class BrokenFedAvg(FedAvg):
+    """FedAvg whose listed clients raise while their job is prepared (before any training)."""
+
+    Client = BrokenClient
+    Params = BrokenParams
 
 
 def test_results_in_task_order_and_a_raising_client_is_isolated(config):
@@ -272,7 +278,7 @@ def test_the_ray_executor_dispatches_to_the_batched_path(config, groups):
 
     cfg = config(**{"engine.batch_clients": True})
     executor = Executor(cfg.model_dump_json(), None, 1.0, use_cuda=False)  # in process, no Ray
-    strategy = executor.strategy
+    strategy = FedAvg(executor.bench, executor.bench.method_params)  # the server half, for the round's tasks
     strategy.setup(MemoryStore())
     broadcast, tasks = round_tasks(executor.bench, strategy, 0, [0, 1, 2])
     results = executor.run(broadcast, tasks)
@@ -314,7 +320,7 @@ def on_cuda(cfg, broadcast, tasks, calls=1):
     from harness.engine import ClientRunner
 
     bench, strategy = started(cfg, device="cuda")
-    runner = ClientRunner(bench, strategy, cfg.engine.model_copy(update={"batch_clients": True}))
+    runner = ClientRunner(bench, cfg.engine.model_copy(update={"batch_clients": True}))
     return [runner.run(broadcast, tasks) for _ in range(calls)], runner
 
 
@@ -363,12 +369,13 @@ def test_the_graph_path_on_a_stand_in_for_cuda(config, monkeypatch):
     for rnd, clients in enumerate(([0, 1, 2], [3, 4, 5])):
         broadcast, tasks = round_tasks(bench, strategy, rnd, clients)
         alone = [local_update(strategy, broadcast, t) for t in tasks]
-        jobs = [strategy.local_job(broadcast, t) for t in tasks]
+        client = client_of(strategy)
+        jobs = [client.local_job(broadcast, t) for t in tasks]
         sizes.append(sum(len(j.y) for j in jobs))
         groups_module.train_group(jobs, bench, graphs)
         assert len(graphs.programs) == 1 and not graphs.broken
         assert Graph.made == 1  # round 1 replays round 0's program, on other data
-        assert_same(alone, [strategy.local_result(broadcast, t, j) for t, j in zip(tasks, jobs)])
+        assert_same(alone, [client.local_result(broadcast, t, j) for t, j in zip(tasks, jobs)])
     assert sizes[0] != sizes[1]
 
 

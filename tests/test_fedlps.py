@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import local_update, make_config
+from conftest import client_of, local_update, make_config
 from fedlps.masks import fixed_masks, keep_count, keep_widths, score_masks, straight_through, topk_mask
 from fedlps.pucbv import PUCBV, Arm, utility
 from fedlps.strategy import FedLPS, FedLPSParams
@@ -192,7 +192,7 @@ def task(bench, cid, ratio=0.5, state=None, rnd=0):
 def recorded_update(s, broadcast, task, log):
     """local_update, recording the scores before and after training and checking, before every
     minibatch, that the previous step left every masked coordinate exactly as it was."""
-    job = s.local_job(broadcast, task)
+    job = client_of(s).local_job(broadcast, task)
     model = s.bench.loaded(job)
     hooks = job.hooks(model)
     log.update(checked=0, mask_changes=0, scores_before=[p.detach().clone() for p in hooks.extra_params])
@@ -216,7 +216,7 @@ def recorded_update(s, broadcast, task, log):
     job.hooks = lambda _model: hooks
     train_alone(job, model)
     log["scores_after"] = [p.detach().clone() for p in hooks.extra_params]
-    return s.local_result(broadcast, task, job)
+    return client_of(s).local_result(broadcast, task, job)
 
 
 def test_masked_units_receive_no_weight_update(bench):

@@ -9,7 +9,7 @@ from harness.errors import ConfigError
 from harness.records import ClientSlot, ClientTask
 from harness.submodel import prefix_index_sets, rolling_index_sets
 from harness.workbench import Workbench
-from conftest import local_update, run_serial as run, started, tier, write_tiny_rgb
+from conftest import client_of, local_update, run_serial as run, started, tier, write_tiny_rgb
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -66,15 +66,15 @@ def test_rolling_windows_by_hand():
 
 def test_fedrolex_rolls_with_the_global_round(config):
     bench, rolex = started(config(**{"method.name": "fedrolex"}))
-    widths = rolex.widths(0.4)
+    widths = client_of(rolex).widths(0.4)
     assert widths == {"conv1": 4, "conv2": 8, "fc1": 20}
-    at8, axis_index = rolex.index_sets(ClientTask(0, 8, tier(0.4)), widths)
+    at8, axis_index = client_of(rolex).index_sets(ClientTask(0, 8, tier(0.4)), widths)
     assert axis_index is None
     assert at8["conv1"].tolist() == [0, 1, 8, 9]
     assert at8["conv2"].tolist() == list(range(8, 16))
     assert at8["fc1"].tolist() == list(range(8, 28))
     prefix = prefix_index_sets(bench.full_widths, widths)
-    assert all(torch.equal(rolex.index_sets(ClientTask(0, 0, tier(0.4)), widths)[0][g], prefix[g]) for g in prefix)
+    assert all(torch.equal(client_of(rolex).index_sets(ClientTask(0, 0, tier(0.4)), widths)[0][g], prefix[g]) for g in prefix)
 
     # round 0 trains exactly what HeteroFL trains
     _, hetero = started(config(**{"method.name": "heterofl"}))
@@ -120,7 +120,7 @@ def test_clients_parquet_cost_shrinks_with_the_ratio(config, tmp_path, method):
 @pytest.mark.parametrize("switches, norm, rate", [({}, "sbn", 0.25), (ALL_OFF, None, 1.0)])
 def test_scaler_and_static_bn_switches_build_the_local_model(config, switches, norm, rate):
     bench, strategy = started(config(**{"method.name": "heterofl"}, **switches))
-    job = strategy.local_job(strategy.global_state, ClientTask(0, 0, tier(0.25)))
+    job = client_of(strategy).local_job(strategy.global_state, ClientTask(0, 0, tier(0.25)))
     assert job.spec.norm == (norm or bench.cfg.model.norm) and job.spec.rate == rate
     model = bench.loaded(job)
     assert model.rate == rate and model.norm_kind == job.spec.norm

@@ -39,6 +39,7 @@ def test_serial_and_ray_pools_of_1_2_4_give_identical_rows(ray_session, config):
 
 
 METHODS = {
+    "fedprox": {"method.name": "fedprox", "method.mu": 0.5, "method.partial_work": "tier"},
     "heterofl": {"method.name": "heterofl"},
     "fedrolex": {"method.name": "fedrolex"},
     "prunefl": {"method.name": "prunefl", "method.interval": 1, "method.initial_samples": 20,

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from baselines.prunefl import flipped, magnitude_masks, percentile_mask
-from conftest import local_update, started, tier
+from conftest import client_of, local_update, started, tier
 from harness.data import authors_test_set
 from harness.errors import ConfigError
 from harness.records import ClientResult, ClientSlot, ClientTask
@@ -53,9 +53,9 @@ def test_heterofl_reference_narrows_as_the_authors_models():
 def test_heterofl_reference_widths_loss_and_mean(config):
     bench, strategy = started(config(**{"method.name": "heterofl", "train.weight_decay": 0.0, **REFERENCE}))
     # floor, at least one unit; fc1 never narrows: r = 1/4 -> conv1 int(2.5) = 2, conv2 5, fc1 50
-    assert strategy.widths(0.25) == {"conv1": 2, "conv2": 5, "fc1": 50}
-    assert strategy.widths(1 / 16) == {"conv1": 1, "conv2": 1, "fc1": 50}
-    job = strategy.local_job(strategy.global_state, ClientTask(4, 0, tier(0.25)))
+    assert client_of(strategy).widths(0.25) == {"conv1": 2, "conv2": 5, "fc1": 50}
+    assert client_of(strategy).widths(1 / 16) == {"conv1": 1, "conv2": 1, "fc1": 50}
+    job = client_of(strategy).local_job(strategy.global_state, ClientTask(4, 0, tier(0.25)))
     assert job.spec.rate == 1.0 and job.class_mask is None and job.train.momentum == 0
     assert job.start["fc1.weight"].shape == (50, 5 * 16)  # fc1's inputs follow conv2's 5 channels
     # plain mean over the clients that held a coordinate, all classifier rows included
@@ -84,9 +84,9 @@ def test_fedrolex_reference_window_follows_the_clients_own_selections(config):
     _, first = strategy.configure(0, slots)
     _, second = strategy.configure(1, slots[:1])
     assert first == [{"shift": 0}, {"shift": 0}] and second == [{"shift": 1}]
-    widths = strategy.widths(0.5)  # conv1 5 of 10, conv2 10 of 20, fc1 50 of 50
+    widths = client_of(strategy).widths(0.5)  # conv1 5 of 10, conv2 10 of 20, fc1 50 of 50
     task = ClientTask(3, 5, tier(0.5), {"shift": 3})
-    index_sets, axis_index = strategy.index_sets(task, widths)
+    index_sets, axis_index = client_of(strategy).index_sets(task, widths)
     # backwards, wrapping: {(K - 3 + i) mod K : i < k}
     assert index_sets["conv1"].tolist() == [0, 1, 7, 8, 9]
     assert index_sets["conv2"].tolist() == [0, 1, 2, 3, 4, 5, 6, 17, 18, 19]

@@ -1,5 +1,5 @@
-"""The stacked tensors of a group of clients and the batched step: the rule of harness/training.py
-wrapped for K clients at once."""
+"""The stacked tensors of a group of clients and the batched step: the jobs' LocalRule run for K
+clients at once (`StackedOps`: its gradients vmapped over the clients)."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from harness.batched.norm import functional_template
 from harness.batched.schedule import Schedule
-from harness.training import LocalJob, TrainStats, clip_coefficient, sgd_directions
+from harness.training import LocalJob, LocalRule, TrainStats, clip_coefficient, sgd_directions
 
 
 def _per_client(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -18,15 +18,60 @@ def _per_client(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.view(len(t), *([1] * (like.dim() - 1)))
 
 
+class StackedOps:
+    """harness.training.StepOps for the K stacked clients of a program."""
+
+    def __init__(self, program: StackedClients):
+        self.p = program
+        self.recorded = None  # the first grad call of the step: (grads, loss, correct, new_buffers, count)
+
+    def _inputs(self, batch):
+        xb, yb, w = batch
+        p = self.p
+        return p.consts, xb, yb, w, p.class_mask, p.unit_masks, p.anchor
+
+    def grad(self, params, batch):
+        grads, (loss, correct, new_buffers) = self.p.grad_fn(params, *self._inputs(batch))
+        if self.recorded is None:
+            self.recorded = (grads, loss, correct, new_buffers, batch[2].sum(1))
+        return grads
+
+    def hvp(self, params, batch, vector):
+        return self.p.hvp_fn(params, *self._inputs(batch), vector)
+
+    def sgd(self, params, grads, lr=None):
+        p = self.p
+        names = p.names
+        g = [grads[n] for n in names]
+        if p.clip is not None:
+            coef = clip_coefficient(torch.stack([t.flatten(1).norm(dim=1) for t in g]), p.clip)
+            g = [t * _per_client(coef, t) for t in g]
+        current = [params[n] for n in names]
+        masks = [p.update_masks.get(n) for n in names] if p.update_masks else None
+        directions = sgd_directions(current, g, weight_decay=p.weight_decay, momentum=p.momentum,
+                                    buffers=p.buffers, masks=masks)
+        return self._move(current, directions, lr)
+
+    def descend(self, params, grads, lr=None):
+        names = self.p.names
+        return self._move([params[n] for n in names], [grads[n] for n in names], lr)
+
+    def _move(self, current, directions, lr):
+        rate = self.p.lr if lr is None else torch.full_like(self.p.lr, lr)
+        return {n: t - _per_client(rate, t) * d for n, t, d in zip(self.p.names, current, directions)}
+
+
 class StackedClients:
     """What one batched program reads and updates in place: per client k, its parameters, buffers,
-    momentum buffers, masks, lr and accumulators at index k; the current step's minibatch in
-    (index, weight, active); `step()` trains every active client one step."""
+    momentum buffers, masks, anchor, lr and accumulators at index k; the current step's minibatches
+    in (index, weight, active); `step()` trains every active client one step by the jobs' rule."""
 
     def __init__(self, jobs: list[LocalJob], model: nn.Module, fresh_buffers: dict[str, torch.Tensor], capacity: int):
         first = jobs[0]
         device, dtype = first.x.device, first.x.dtype
         self.K = K = len(jobs)
+        self.rule = first.rule or LocalRule()
+        self.per_step = self.rule.batches_per_step
         train = first.train
         self.bs, self.weight_decay, self.momentum = train.batch_size, train.weight_decay, train.momentum
         self.clip = first.clip_grad_norm
@@ -39,6 +84,7 @@ class StackedClients:
         stacked = lambda t: torch.empty((K, *t.shape), dtype=t.dtype, device=device)  # noqa: E731
         self.params = {n: stacked(p) for n, p in named.items()}
         self.consts = {n: stacked(b) for n, b in buffers.items()}
+        self.anchor = {n: stacked(t) for n, t in first.anchor.items()} if first.anchor is not None else None
         self.buffers = [torch.zeros_like(p) for p in self.params.values()] if self.momentum else None
         self.update_masks = {n: torch.ones_like(self.params[n]) for n in (first.update_masks or {})}
         self.weight_masks = {n: torch.ones_like(self.params[n]) for n in (first.weight_masks or {})}
@@ -54,12 +100,13 @@ class StackedClients:
         self.loss_sum = torch.zeros(K, dtype=torch.float64, device=device)
         self.correct = torch.zeros(K, dtype=torch.float64, device=device)
         # the current step's inputs (static tensors, for CUDA graphs)
-        self.index = torch.zeros((K, self.bs), dtype=torch.int64, device=device)
-        self.weight = torch.ones((K, self.bs), dtype=dtype, device=device)
+        self.index = torch.zeros((K, self.per_step, self.bs), dtype=torch.int64, device=device)
+        self.weight = torch.ones((K, self.per_step, self.bs), dtype=dtype, device=device)
         self.active = torch.zeros(K, dtype=torch.bool, device=device)
         self.graph = None
+        rule = self.rule
 
-        def client_loss(params, consts, xb, yb, w, class_mask, unit_masks):
+        def logits_and_loss(params, consts, xb, yb, w, class_mask, unit_masks, anchor):
             self.ctx.sample_weight = w
             self.ctx.new_buffers = {}
             self.template.unit_masks = unit_masks
@@ -67,20 +114,36 @@ class StackedClients:
             if class_mask is not None:
                 logits = torch.where(class_mask, logits, 0.0)
             loss = (F.cross_entropy(logits, yb, reduction="none") * w).sum() / w.sum()
-            correct = ((logits.argmax(1) == yb).to(w.dtype) * w).sum()
-            return loss, (loss.detach(), correct.detach(), dict(self.ctx.new_buffers))
+            penalty = rule.penalty(params, anchor) if anchor is not None else None
+            return logits, loss, (loss if penalty is None else loss + penalty)
 
-        in_dims = (0, 0, 0, 0, 0, 0 if self.class_mask is not None else None, 0 if self.unit_masks else None)
-        self.grad_fn = torch.func.vmap(torch.func.grad(client_loss, has_aux=True), in_dims=in_dims)
+        def client_loss(params, consts, xb, yb, w, class_mask, unit_masks, anchor):
+            logits, loss, objective = logits_and_loss(params, consts, xb, yb, w, class_mask, unit_masks, anchor)
+            correct = ((logits.argmax(1) == yb).to(w.dtype) * w).sum()
+            return objective, (loss.detach(), correct.detach(), dict(self.ctx.new_buffers))
+
+        def client_hvp(params, consts, xb, yb, w, class_mask, unit_masks, anchor, vector):
+            def g(p):
+                return torch.func.grad(lambda q: logits_and_loss(q, consts, xb, yb, w, class_mask, unit_masks,
+                                                                 anchor)[2])(p)
+            return torch.func.jvp(g, (params,), (vector,))[1]
+
+        dims = (0, 0, 0, 0, 0, 0 if self.class_mask is not None else None, 0 if self.unit_masks else None,
+                0 if self.anchor is not None else None)
+        self.grad_fn = torch.func.vmap(torch.func.grad(client_loss, has_aux=True), in_dims=dims)
+        self.hvp_fn = torch.func.vmap(client_hvp, in_dims=(*dims, 0))
 
     @torch.no_grad()
     def load(self, jobs: list[LocalJob]) -> None:
-        """The jobs' starting tensors, masks and data into the stacked tensors; accumulators to zero."""
+        """The jobs' starting tensors, masks, anchors and data into the stacked tensors; accumulators
+        to zero."""
         for k, job in enumerate(jobs):
             for n, t in self.params.items():
                 t[k].copy_(job.start[n])
             for n, t in self.consts.items():
                 t[k].copy_(job.start[n] if n in job.start else self.fresh_buffers[n])
+            for n, t in (self.anchor or {}).items():
+                t[k].copy_(job.anchor[n])
             for n, t in self.update_masks.items():
                 t[k].copy_(job.update_masks[n])
             for n, t in self.weight_masks.items():
@@ -98,15 +161,15 @@ class StackedClients:
         torch.cat([j.y for j in jobs], out=self.y[:rows])
 
     def step(self) -> None:
-        """One local step of every active client on its minibatch in (index, weight). Device work
+        """One local step of every active client on its minibatches in (index, weight). Device work
         only: no synchronisation with the CPU."""
         act = self.active
         for n, m in self.weight_masks.items():
             self.params[n].mul_(m)
-        xb, yb, w = self.x[self.index], self.y[self.index], self.weight
-        grads, (loss, correct, new_buffers) = self.grad_fn(self.params, self.consts, xb, yb, w,
-                                                           self.class_mask, self.unit_masks)
-        count = w.sum(1)
+        batches = [(self.x[self.index[:, j]], self.y[self.index[:, j]], self.weight[:, j]) for j in range(self.per_step)]
+        ops = StackedOps(self)
+        new_params = self.rule.step(ops, dict(self.params), batches)
+        grads, loss, correct, new_buffers, count = ops.recorded
         if self.importance:
             for n, g in grads.items():
                 sq = g.square() * _per_client(count.to(g.dtype), g)
@@ -114,16 +177,8 @@ class StackedClients:
                     self.grad_importance[n].add_(torch.where(_per_client(act, sq), sq, 0.0))
                 else:
                     self.dense_importance.add_(torch.where(act, sq.flatten(1).sum(1).double(), 0.0))
-        grads = [grads[n] for n in self.names]
-        if self.clip is not None:
-            coef = clip_coefficient(torch.stack([g.flatten(1).norm(dim=1) for g in grads]), self.clip)
-            grads = [g * _per_client(coef, g) for g in grads]
-        params = [self.params[n] for n in self.names]
-        masks = [self.update_masks.get(n) for n in self.names] if self.update_masks else None
-        directions = sgd_directions(params, grads, weight_decay=self.weight_decay, momentum=self.momentum,
-                                    buffers=self.buffers, masks=masks)
-        for p, d in zip(params, directions):
-            p.copy_(torch.where(_per_client(act, p), p - _per_client(self.lr, p) * d, p))
+        for n, p in self.params.items():
+            p.copy_(torch.where(_per_client(act, p), new_params[n], p))
         for n, b in new_buffers.items():
             t = self.consts[n]
             t.copy_(torch.where(_per_client(act, t), b.to(t.dtype), t))
@@ -133,15 +188,16 @@ class StackedClients:
     @torch.no_grad()
     def store(self, jobs: list[LocalJob], plan: Schedule) -> None:
         """The trained tensors and stats into the jobs. The one read of the sums comes first: a device
-        error surfaces before any job is touched."""
+        error surfaces before any job is touched. Loss and accuracy are over the samples of each
+        step's first minibatch (those a one-minibatch step trains on)."""
         for n, m in self.weight_masks.items():
             self.params[n].mul_(m)
         sums = torch.stack([self.loss_sum, self.correct, self.dense_importance]).cpu()
+        counted = (plan.weight[:, :, 0].sum(-1) * plan.active).sum(0)
         for k, job in enumerate(jobs):
             job.trained = {n: t[k].clone() for n, t in (self.params | self.consts).items()}
-            samples = plan.samples[k]
-            job.stats = TrainStats(float(sums[0, k]) / max(samples, 1), float(sums[1, k]) / max(samples, 1),
-                                   samples, plan.steps[k])
+            seen = max(float(counted[k]), 1.0)
+            job.stats = TrainStats(float(sums[0, k]) / seen, float(sums[1, k]) / seen, plan.samples[k], plan.steps[k])
             if self.importance:
                 job.grad_importance = {n: g[k].clone() for n, g in self.grad_importance.items()}
                 job.dense_importance = float(sums[2, k])
