@@ -70,7 +70,7 @@ from fedlps.masks import (fixed_masks, init_scores_paper, init_scores_reference,
                           score_regularizer, straight_through)
 from fedlps.pucbv import PUCBV
 from harness.cost import training_flops
-from harness.data import TEST_SET_SUFFIX, TEST_SETS
+from harness.columns import TEST_SET_SUFFIX, TEST_SETS
 from harness.records import ClientResult, ClientTask, Evaluation
 from harness.seeding import rng, seed_of
 from harness.strategy import Client, MethodParams, Strategy

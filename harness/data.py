@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from harness.columns import TEST_SETS  # the constructions of per-client test sets
 from harness.config import DataConfig, SplitConfig
 from harness.errors import ConfigError
 from harness.seeding import rng
@@ -152,8 +153,6 @@ def load_dataset(cfg: DataConfig) -> Dataset:
 # Partition
 
 
-TEST_SETS = ("mirrored", "authors")  # the constructions of per-client test sets every run evaluates on
-TEST_SET_SUFFIX = {"mirrored": "", "authors": "_authors_tests"}  # of their columns in the results
 
 
 @dataclass(frozen=True)

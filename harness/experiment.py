@@ -20,12 +20,12 @@ import numpy as np
 
 from harness import storage
 from harness.availability import round_outcome, sample_size, tiebreak_order
+from harness.columns import ClientRow, RoundRow, SummaryRow, accuracies, machine, row as record_row
 from harness.config import EngineConfig, ExperimentConfig, axis_label, method_params, portable
 from harness.cost import client_time
-from harness.data import TEST_SET_SUFFIX, TEST_SETS
 from harness.engine import Engine, SerialEngine
 from harness.ray_engine import RayEngine
-from harness.records import LATE, NOT_KEPT, ClientResult, ClientSlot, ClientTask, Evaluation
+from harness.records import LATE, NOT_KEPT, ClientResult, ClientSlot, ClientTask
 from harness.registry import declared_columns, method_class
 from harness.results import CLIENTS, ROUNDS, SUMMARY, with_columns, write_table, write_yaml
 from harness.seeding import rng
@@ -238,17 +238,20 @@ class Experiment:
         if ev is None:
             return None
         weights = np.array([r.num_samples for r in kept], dtype=float)
-        row = dict(self.identity, round=rnd, **_accuracies(ev), acc_global=ev.acc_global,
-                   train_loss=_weighted([r.train_loss for r in kept], weights),
-                   train_acc=_weighted([r.train_acc for r in kept], weights),
-                   clients_ok=len(kept), clients_failed=sum(not r.trained for r in results),
-                   clients_late=len(outcome.late), clients_not_kept=len(outcome.not_kept),
-                   clients_offline_short=wanted - len(sampled),
-                   keep_ratio_mean=float(np.mean([r.keep_ratio for r in kept])) if kept else None,
-                   sim_round_s=outcome.duration_s, sim_total_s=totals["sim"], flops=flops, flops_total=totals["flops"],
-                   bytes_up=up, bytes_down=down, bytes_up_total=totals["up"], bytes_down_total=totals["down"],
-                   flops_dropped=sum(r.flops for r in lost), bytes_dropped=sum(r.bytes_up + r.bytes_down for r in lost),
-                   wall_s=wall, wall_total_s=totals["wall"], **extras)
+        row = record_row(RoundRow, **self.identity, round=rnd, **accuracies(ev.clients, ev.global_clients),
+                         acc_global=ev.acc_global,
+                         train_loss=_weighted([r.train_loss for r in kept], weights),
+                         train_acc=_weighted([r.train_acc for r in kept], weights),
+                         clients_ok=len(kept), clients_failed=sum(not r.trained for r in results),
+                         clients_late=len(outcome.late), clients_not_kept=len(outcome.not_kept),
+                         clients_offline_short=wanted - len(sampled),
+                         keep_ratio_mean=float(np.mean([r.keep_ratio for r in kept])) if kept else None,
+                         sim_round_s=outcome.duration_s, sim_total_s=totals["sim"], flops=flops,
+                         flops_total=totals["flops"], bytes_up=up, bytes_down=down, bytes_up_total=totals["up"],
+                         bytes_down_total=totals["down"], flops_dropped=sum(r.flops for r in lost),
+                         bytes_dropped=sum(r.bytes_up + r.bytes_down for r in lost), wall_s=wall,
+                         wall_total_s=totals["wall"])
+        row.update(extras)
         self.rounds.append(row)
         return row
 
@@ -277,12 +280,12 @@ class Experiment:
 
     def _summary(self) -> dict[str, Any]:
         rounds, totals = self.rounds, self.totals
-        summary = dict(self.identity, rounds=self.cfg.rounds, status="completed",
-                       final_acc=rounds[-1]["acc_clients_mean"], best_acc=max(r["acc_clients_mean"] for r in rounds),
-                       final_acc_global=rounds[-1]["acc_global"],
-                       final_acc_global_clients=rounds[-1]["acc_global_clients_mean"], sim_total_s=totals["sim"],
-                       flops_total=totals["flops"], bytes_up_total=totals["up"], bytes_down_total=totals["down"],
-                       wall_total_s=totals["wall"])
+        summary = record_row(SummaryRow, **self.identity, rounds=self.cfg.rounds, status="completed",
+                             final_acc=rounds[-1]["acc_clients_mean"],
+                             best_acc=max(r["acc_clients_mean"] for r in rounds), final_acc_global=rounds[-1]["acc_global"],
+                             final_acc_global_clients=rounds[-1]["acc_global_clients_mean"], sim_total_s=totals["sim"],
+                             flops_total=totals["flops"], bytes_up_total=totals["up"], bytes_down_total=totals["down"],
+                             wall_total_s=totals["wall"], **machine())
         write_table(self.out_dir / "summary.parquet", [summary], SUMMARY)
         return summary
 
@@ -294,26 +297,12 @@ class Experiment:
 
     def _client_row(self, slot: ClientSlot, r: ClientResult) -> dict[str, Any]:
         self._check_columns(r.metrics, self.client_columns, "client")
-        row = dict(self.identity, round=r.round, client_id=r.client_id, tier=slot.tier.name, cap=slot.tier.cap,
-                   num_samples=slot.num_samples, status=r.status, error=r.error)
-        if r.trained:
-            row.update(keep_ratio=r.keep_ratio, flops=r.flops, bytes_up=r.bytes_up, bytes_down=r.bytes_down,
-                       sim_s=r.sim_s, sim_down_s=r.sim_down_s, sim_compute_s=r.sim_compute_s, sim_up_s=r.sim_up_s,
-                       train_acc=r.train_acc, train_loss=r.train_loss, **r.metrics)
-        return row
-
-
-def _accuracies(ev: Evaluation) -> dict[str, float]:
-    """The round's accuracy columns: per test-set construction, the mean (and std) over clients with
-    the model each would use, and the mean with the global model."""
-    row = {}
-    for kind in TEST_SETS:
-        suffix = TEST_SET_SUFFIX[kind]
-        acc = ev.clients[kind]
-        dense = ev.global_clients[kind] if ev.global_clients is not None else acc
-        row.update({f"acc_clients_mean{suffix}": float(np.nanmean(acc)), f"acc_clients_std{suffix}": float(np.nanstd(acc)),
-                    f"acc_global_clients_mean{suffix}": float(np.nanmean(dense))})
-    return row
+        work = dict(keep_ratio=r.keep_ratio, flops=r.flops, bytes_up=r.bytes_up, bytes_down=r.bytes_down,
+                    sim_s=r.sim_s, sim_down_s=r.sim_down_s, sim_compute_s=r.sim_compute_s, sim_up_s=r.sim_up_s,
+                    train_acc=r.train_acc, train_loss=r.train_loss) if r.trained else {}
+        row = record_row(ClientRow, **self.identity, round=r.round, client_id=r.client_id, tier=slot.tier.name,
+                         cap=slot.tier.cap, num_samples=slot.num_samples, status=r.status, error=r.error, **work)
+        return {**row, **(r.metrics if r.trained else {})}
 
 
 def _weighted(values, weights) -> float | None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from harness.columns import TEST_SET_SUFFIX, TEST_SETS, accuracy_column
 from harness.errors import UserError
 from harness.results import load
 
@@ -25,9 +26,9 @@ TIME_CLAIM_PCT = 68.8  # the FedLPS paper: "reduces running time by more than 68
 
 # Evaluation views: (name tag, rounds column). The tag goes after the statistic's stem
 # (last10_acc_global_mean, delta_global_mean, verdict_global).
-VIEWS = (("", "acc_clients_mean"), ("_global", "acc_global_clients_mean"))
+VIEWS = (("", accuracy_column("clients")), ("_global", accuracy_column("global_clients")))
 # Test-set constructions: (suffix of the rounds column and of every statistic, name in the claims table).
-TESTS = (("", "mirrored"), ("_authors_tests", "authors"))
+TESTS = tuple((TEST_SET_SUFFIX[kind], kind) for kind in TEST_SETS)
 
 
 def _load(root: str | Path, table: str) -> pd.DataFrame:

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from harness import storage
+from harness.columns import VIEWS, accuracy_column
 from harness.leaderboard import _load, mean_ci, t975
 
 MODEL_NAMES = {"cnn": "CNN", "vgg11": "VGG-11", "vgg13": "VGG-13", "resnet18": "ResNet-18"}
-PANELS = (("acc_clients_mean", "the model each client uses"),
-          ("acc_global_clients_mean", "the global model, on each client's test set"))
+PANELS = tuple((accuracy_column(view), title) for view, title in VIEWS.items())
 
 
 def _band(curves: list[tuple[np.ndarray, np.ndarray]], points: int = 200):

@@ -1,7 +1,7 @@
 """Parquet results: schemas (results/README.md documents every column), atomic writes.
 
 Every experiment folder holds rounds.parquet, clients.parquet, summary.parquet and config.yaml, in a
-local folder or under a URI (harness/storage.py). The harness's columns below are the same for every
+local folder or under a URI (harness/storage.py). The harness's columns (harness/columns.py) are the same for every
 method; methods add their own columns (Strategy.client_columns, round_columns), and every file holds
 those of all registered methods (null where a method has none), so a folder of experiments is one
 dataset: `pd.read_parquet(list_of_files)`, `pl.read_parquet("DIR/*/rounds.parquet")` or DuckDB's
@@ -19,40 +19,11 @@ import pyarrow.parquet as pq
 import yaml
 
 from harness import storage
+from harness.columns import ClientRow, RoundRow, SummaryRow, schema
 
-S, I, F = pa.string(), pa.int64(), pa.float64()
-
-IDENTITY = [("experiment", S), ("setting", S), ("setting_title", S), ("method", S), ("method_label", S),
-            ("method_title", S), ("dataset", S), ("model", S), ("seed", I)]
-
-ROUNDS = pa.schema(IDENTITY + [
-    ("round", I), ("acc_clients_mean", F), ("acc_clients_std", F), ("acc_global_clients_mean", F),
-    ("acc_clients_mean_authors_tests", F), ("acc_clients_std_authors_tests", F),
-    ("acc_global_clients_mean_authors_tests", F), ("acc_global", F),
-    ("train_loss", F), ("train_acc", F), ("clients_ok", I), ("clients_failed", I),
-    ("clients_late", I), ("clients_not_kept", I), ("clients_offline_short", I),
-    ("keep_ratio_mean", F),
-    ("sim_round_s", F), ("sim_total_s", F),
-    ("flops", F), ("flops_total", F),
-    ("bytes_up", I), ("bytes_down", I), ("bytes_up_total", I), ("bytes_down_total", I),
-    ("flops_dropped", F), ("bytes_dropped", I),
-    ("wall_s", F), ("wall_total_s", F),
-])
-
-CLIENTS = pa.schema(IDENTITY + [
-    ("round", I), ("client_id", I), ("tier", S), ("cap", F), ("keep_ratio", F), ("num_samples", I),
-    ("flops", F), ("bytes_up", I), ("bytes_down", I),
-    ("sim_s", F), ("sim_down_s", F), ("sim_compute_s", F), ("sim_up_s", F),
-    ("train_acc", F), ("train_loss", F), ("status", S), ("error", S),
-])
-
-SUMMARY = pa.schema(IDENTITY + [
-    ("rounds", I), ("status", S), ("final_acc", F), ("best_acc", F), ("final_acc_global", F),
-    ("final_acc_global_clients", F),
-    ("sim_total_s", F), ("flops_total", F), ("bytes_up_total", I), ("bytes_down_total", I),
-    ("wall_total_s", F),
-])
-
+ROUNDS = schema(RoundRow)
+CLIENTS = schema(ClientRow)
+SUMMARY = schema(SummaryRow)
 
 
 def with_columns(schema: pa.Schema, extra: dict[str, pa.DataType]) -> pa.Schema:

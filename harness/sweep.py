@@ -43,7 +43,7 @@ MANIFEST = "sweep.json"
 # each node's own environment or instance role).
 STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
 REPORTED = ("round", "acc_clients_mean", "acc_global", "train_loss", "sim_total_s", "flops_total",
-            "bytes_up_total", "bytes_down_total", "wall_total_s", "density", "keep_ratio_mean")
+            "bytes_up_total", "bytes_down_total", "wall_total_s", "keep_ratio_mean")  # and the method's own round columns
 
 
 def trial_engine(cfg: ExperimentConfig, sweep: SweepFile) -> ExperimentConfig:
@@ -84,8 +84,10 @@ def check_fits(bundles: list[dict[str, float]]) -> None:
             raise UserError("tune", f"no node of the cluster can hold a bundle of {b}")
 
 
-def _metrics(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: row[k] for k in REPORTED if row.get(k) is not None and not (isinstance(row[k], float) and math.isnan(row[k]))}
+def _metrics(row: dict[str, Any], method_columns) -> dict[str, Any]:
+    """What a trial reports to Tune each round: the headline columns and the method's own."""
+    return {k: row[k] for k in (*REPORTED, *method_columns)
+            if isinstance(row.get(k), (int, float)) and not (isinstance(row[k], float) and math.isnan(row[k]))}
 
 
 def run_trial(config: dict[str, Any], experiments: dict[str, dict[str, Any]], checkpoints: str,
@@ -110,7 +112,7 @@ def run_trial(config: dict[str, Any], experiments: dict[str, dict[str, Any]], ch
     def on_round(row, state):
         if state is not None:
             checkpoint.write_bytes(dumps(state(), f"checkpoint of {cfg.name}"))
-        tune.report({**_metrics(row), "resumed_from_round": resumed_from})
+        tune.report({**_metrics(row, experiment.round_columns), "resumed_from_round": resumed_from})
 
     experiment.on_round = on_round
     experiment.run()
