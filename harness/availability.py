@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from harness.errors import ConfigError
+from harness.schema import sample_size  # noqa: F401 - re-exported for the round loop
 from harness.seeding import rng
 
 
@@ -81,11 +82,6 @@ def _read_trace(path: str, num_clients: int):
     named = np.zeros(num_clients, dtype=bool)
     named[[c for c, _, _ in rows]] = True
     return named, rows
-
-
-def sample_size(per_round: int, overselect: float) -> int:
-    """ceil(overselect x per_round) (the epsilon keeps 1.3 x 10 at 13)."""
-    return math.ceil(overselect * per_round - 1e-9)
 
 
 @dataclass

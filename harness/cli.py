@@ -116,8 +116,7 @@ def cmd_run(args) -> int:
 
     experiments, _ = config.load(args.config, args.overrides, args.out)
     experiments = [config.with_absolute_paths(cfg) for cfg in experiments]
-    for cfg in experiments:  # every input error surfaces before anything is written
-        validate(cfg)
+    specs = {cfg.name: validate(cfg) for cfg in experiments}  # every input error surfaces before anything is written
     folders = {cfg.name: storage.resolve(cfg.out) / cfg.name for cfg in experiments}
     existing = [str(f) for f in folders.values() if f.exists()]
     if existing and not args.overwrite:
@@ -130,7 +129,7 @@ def cmd_run(args) -> int:
         (folders[cfg.name] / "summary.parquet").delete()
         folders[cfg.name].delete()
         try:
-            summaries.append(Experiment(cfg, progress=not args.quiet).run())
+            summaries.append(Experiment(specs[cfg.name], progress=not args.quiet).run())
         except UserError:
             raise
         except Exception as e:  # noqa: BLE001 - one failed experiment must not lose the others

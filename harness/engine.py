@@ -66,7 +66,7 @@ class ClientRunner:
 
     def __init__(self, bench, engine_cfg, client=None):
         self.bench = bench
-        self.client = client or method_class(bench.cfg.method.name).client(bench, bench.method_params)
+        self.client = client or method_class(bench.experiment.method).client(bench, bench.method_params)
         self.batch = batching_enabled(engine_cfg, bench.device)
         self.graphs = GraphCache() if self.batch and cuda_graphs_enabled(engine_cfg, bench.device) else None
 

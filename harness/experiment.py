@@ -21,7 +21,7 @@ import numpy as np
 from harness import storage
 from harness.availability import round_outcome, sample_size, tiebreak_order
 from harness.columns import ClientRow, RoundRow, SummaryRow, accuracies, machine, row as record_row
-from harness.config import EngineConfig, ExperimentConfig, axis_label, method_params, portable
+from harness.config import EngineConfig, ExperimentConfig, portable
 from harness.cost import client_time
 from harness.engine import Engine, SerialEngine
 from harness.ray_engine import RayEngine
@@ -29,6 +29,7 @@ from harness.records import LATE, NOT_KEPT, ClientResult, ClientSlot, ClientTask
 from harness.registry import declared_columns, method_class
 from harness.results import CLIENTS, ROUNDS, SUMMARY, with_columns, write_table, write_yaml
 from harness.seeding import rng
+from harness.spec import ExperimentSpec, resolve
 from harness.state import DiskStore, MemoryStore
 from harness.workbench import Workbench
 
@@ -37,57 +38,6 @@ log = logging.getLogger(__name__)
 CLIENT_PARTS = "_clients"  # clients.parquet in parts while the experiment runs
 FLUSH_EVERY_S = 10.0  # rounds.parquet and the next part of clients.parquet, while it runs
 RoundCallback = Callable[[dict[str, Any], Callable[[], dict[str, Any]] | None], None]
-
-
-def dataset_name(cfg: ExperimentConfig) -> str:
-    """The data set, as results name it: npz files by their file name (no path of this machine)."""
-    dataset = cfg.data.dataset
-    return f"npz:{Path(dataset[4:]).name}" if dataset.startswith("npz:") else dataset
-
-
-def setting_label(cfg: ExperimentConfig) -> str:
-    """Names what is being compared on: everything but the method, the seed and where it runs (a
-    digest of the settings that differ from the defaults, so a new option leaves labels alone)."""
-    core = cfg.model_dump(exclude={"name", "method", "seed", "engine", "out", "checkpoint_every"}, exclude_defaults=True)
-    data = core.setdefault("data", {})
-    data.pop("root", None)
-    data.pop("download", None)
-    data["dataset"] = dataset_name(cfg)
-    digest = hashlib.sha1(json.dumps(core, sort_keys=True, default=str).encode()).hexdigest()[:6]
-    s = cfg.data.split
-    split = {"shards": f"shards{s.shards_per_client}x{s.shard_size}", "dirichlet": f"dir{s.alpha:g}",
-             "iid": "iid"}[s.kind]
-    dataset = cfg.data.dataset
-    if dataset.startswith("npz:"):
-        dataset = "npz-" + Path(dataset[4:]).stem
-    return f"{dataset}_{split}_{cfg.clients.total}c{cfg.clients.per_round}_{digest}"
-
-
-DATASET_TITLES = {"mnist-5k": "MNIST-5k", "mnist": "MNIST", "fashion-mnist": "Fashion-MNIST", "cifar10": "CIFAR-10",
-                  "cifar100": "CIFAR-100"}
-
-
-def setting_title(cfg: ExperimentConfig) -> str:
-    """The setting as a paper's figure names it: 'MNIST, 2 shards of 100 per client, 100 clients (10 per
-    round)', plus the deadline, over-selection and availability where set."""
-    dataset = cfg.data.dataset
-    if dataset.startswith("npz:"):
-        stem = Path(dataset[4:]).stem
-        dataset = DATASET_TITLES.get(stem.lower(), stem)
-    else:
-        dataset = DATASET_TITLES[dataset]
-    s = cfg.data.split
-    split = {"shards": f"{s.shards_per_client} shards of {s.shard_size} per client", "dirichlet": f"Dirichlet({s.alpha:g})",
-             "iid": "IID"}[s.kind]
-    c, d = cfg.clients, cfg.devices
-    parts = [dataset, split, f"{c.total} clients ({c.per_round} per round)"]
-    if c.deadline_s is not None:
-        parts.append(f"deadline {c.deadline_s:g} s")
-    if c.overselect > 1:
-        parts.append(f"over-selection {c.overselect:g}")
-    if d.availability != "always" or d.availability_trace:
-        parts.append("partial availability")
-    return ", ".join(parts)
 
 
 def make_engine(cfg: EngineConfig) -> Engine:
@@ -99,13 +49,13 @@ class Experiment:
     with its rounds.parquet row and, every `cfg.checkpoint_every` rounds, a function returning the
     full state (for `restore`)."""
 
-    def __init__(self, cfg: ExperimentConfig, *, engine=None, progress: bool = False,
+    def __init__(self, spec: ExperimentSpec | ExperimentConfig, *, engine=None, progress: bool = False,
                  on_round: RoundCallback | None = None):
-        self.cfg = cfg
+        self.spec = spec = spec if isinstance(spec, ExperimentSpec) else resolve(spec)
+        self.cfg = cfg = spec.config
         self.out_dir = storage.resolve(cfg.out) / cfg.name
-        self.bench = Workbench(cfg)
-        method = method_class(cfg.method.name)
-        self.strategy = method(self.bench, self.bench.method_params)
+        self.bench = Workbench(spec)
+        self.strategy = method_class(cfg.method.name)(self.bench, spec.params)
         self.round_columns = declared_columns("round", cfg.method.name)
         self.client_columns = declared_columns("client", cfg.method.name)
         self.rounds_schema = with_columns(ROUNDS, self.round_columns)
@@ -115,10 +65,7 @@ class Experiment:
         self.engine = engine
         self.progress = progress
         self.on_round = on_round
-        self.identity = dict(experiment=cfg.name, setting=setting_label(cfg), setting_title=setting_title(cfg),
-                             method=cfg.method.name, method_label=axis_label(cfg.method.model_dump()),
-                             method_title=method.describe(cfg.method.params()), dataset=dataset_name(cfg),
-                             model=self.bench.model_name, seed=cfg.seed)
+        self.identity = spec.identity
         self.next_round = 0
         self.rounds: list[dict[str, Any]] = []
         self.clients: list[dict[str, Any]] = []  # rows not yet in a part of clients.parquet

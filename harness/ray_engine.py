@@ -19,7 +19,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from harness.config import EngineConfig, ExperimentConfig
+from harness.config import EngineConfig
 from harness.engine import ClientRunner
 from harness.errors import UserError
 from harness.records import ClientResult, ClientTask
@@ -34,16 +34,15 @@ MAX_RESTARTS = 3  # per call; a process that keeps dying is a bug to report, not
 class Executor:
     """One pool member. Ray instantiates it in its own process with its quota."""
 
-    def __init__(self, cfg_json: str, dataset_ref: list | None, cpus: float, use_cuda: bool):
+    def __init__(self, spec, dataset_ref: list | None, cpus: float, use_cuda: bool):
         import ray
         import torch
 
         dataset = ray.get(dataset_ref[0]) if dataset_ref else None  # None: load it from the config
         torch.set_num_threads(torch_threads(cpus))
         device = "cuda" if use_cuda and torch.cuda.is_available() else "cpu"
-        cfg = ExperimentConfig.model_validate_json(cfg_json)
-        self.bench = Workbench(cfg, device=device, dataset=dataset)
-        self.runner = ClientRunner(self.bench, cfg.engine)
+        self.bench = Workbench(spec, device=device, dataset=dataset)  # the driver's spec: nothing validated again
+        self.runner = ClientRunner(self.bench, self.bench.cfg.engine)
 
     def ready(self) -> dict:
         import torch
@@ -157,7 +156,7 @@ class RayEngine:
                                       f"{want_gpus:g} GPUs, but {self._where}")
         # The driver's dataset goes into the object store once: executors on any node share it
         # without reading files there (their nodes need no copy of data.root).
-        self._shared = (bench.cfg.model_dump_json(), [ray.put(bench.dataset)])
+        self._shared = (bench.experiment, [ray.put(bench.dataset)])
         self.pools = pools
         for pool in pools:
             pool.actors = [self._spawn(pool) for _ in range(pool.executors)]

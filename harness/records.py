@@ -1,6 +1,6 @@
 """The records that travel between the round loop, the engines and the methods.
 
-This module imports nothing of the harness, so every other module can use it.
+This module imports nothing of the harness but the schema, so every other module can use it.
 """
 from __future__ import annotations
 
@@ -9,17 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
-
-class Tier(BaseModel):
-    """A device tier: keep-ratio cap, compute speed and how often it is drawn."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-    name: str
-    cap: float = Field(gt=0, le=1)
-    compute_mflops: float = Field(gt=0)
-    proportion: float = Field(1.0, ge=0)
+from harness.schema import Tier
 
 
 @dataclass

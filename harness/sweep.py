@@ -35,6 +35,7 @@ from typing import Any
 from harness import storage
 from harness.config import ExperimentConfig, SweepFile
 from harness.errors import UserError
+from harness.spec import resolve
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def _metrics(row: dict[str, Any], method_columns) -> dict[str, Any]:
             if isinstance(row.get(k), (int, float)) and not (isinstance(row[k], float) and math.isnan(row[k]))}
 
 
-def run_trial(config: dict[str, Any], experiments: dict[str, dict[str, Any]], checkpoints: str,
+def run_trial(config: dict[str, Any], experiments: dict[str, Any], checkpoints: str,
               env: dict[str, str]) -> None:
     """The Tune trainable: the federated experiment named by the trial's `experiment` parameter,
     continued from its checkpoint under `checkpoints` when there is one."""
@@ -101,8 +102,9 @@ def run_trial(config: dict[str, Any], experiments: dict[str, dict[str, Any]], ch
 
     for key, value in env.items():
         os.environ.setdefault(key, value)
-    cfg = ExperimentConfig.model_validate(experiments[config["experiment"]])
-    experiment = Experiment(cfg)
+    spec = experiments[config["experiment"]]  # an ExperimentSpec, resolved by the sweep's driver
+    cfg = spec.config
+    experiment = Experiment(spec)
     checkpoint = storage.resolve(checkpoints) / f"{cfg.name}.pt"
     if checkpoint.exists():
         experiment.restore(loads(checkpoint.read_bytes(), str(checkpoint)))
@@ -195,7 +197,8 @@ def run_sweep(experiments: list[ExperimentConfig], sweep: SweepFile, out: str | 
                     len(trials), ", ".join(todo))
     env = {k: os.environ[k] for k in STORAGE_ENV if os.environ.get(k)}
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, experiments=trials, checkpoints=str(home / "checkpoints"), env=env),
+        tune.with_parameters(run_trial, experiments={n: resolve(configs[n]) for n in todo},
+                             checkpoints=str(home / "checkpoints"), env=env),
         lambda config: tune.PlacementGroupFactory(bundles[config["experiment"]]))
     storage_path, storage_fs = storage.tune_storage(home)
     done_before = {n: configs[n].rounds for n in trials if n not in todo}

@@ -12,27 +12,46 @@ import torch
 
 from harness.availability import Availability
 from harness.batched.groups import train_alone
-from harness.config import ExperimentConfig, method_params
+from harness.config import ExperimentConfig
 from harness.cost import DeviceAssigner, FlopMeter
 from harness.data import TEST_SETS, ClientData, Dataset, load_dataset, partition
-from harness.models import ModelSpec, UnitModel, build_model, resolve_model_name
+from harness.models import ModelSpec, UnitModel, build_model
 from harness.records import ClientTask, Evaluation
 from harness.seeding import seed_of, torch_generator
+from harness.spec import ExperimentSpec, resolve
 from harness.training import (LocalJob, SGDSettings, calibrate_batchnorm, correct_per_sample, load_tensors, threads,
                               torch_threads)
 
 
+_PARTITIONS: dict[tuple, list[ClientData]] = {}
+
+
+def client_partition(cfg: ExperimentConfig, dataset: Dataset) -> list[ClientData]:
+    """The experiment's clients, partitioned once per process (validation and the run share it)."""
+    key = (cfg.data.dataset, cfg.data.root, id(dataset), cfg.data.split.model_dump_json(), cfg.clients.total, cfg.seed)
+    if key not in _PARTITIONS:
+        if len(_PARTITIONS) >= 8:
+            _PARTITIONS.pop(next(iter(_PARTITIONS)))
+        _PARTITIONS[key] = partition(dataset.y_train.numpy(), dataset.y_test.numpy(), cfg.data.split,
+                                     cfg.clients.total, cfg.seed)
+    return _PARTITIONS[key]
+
+
 class Workbench:
-    def __init__(self, cfg: ExperimentConfig, device: str = "cpu", dataset: Dataset | None = None):
-        self.cfg = cfg
-        self.method_params = method_params(cfg)
+    """`spec`: the experiment's ExperimentSpec (an ExperimentConfig is resolved first); `cfg` is its
+    validated config, `method_params` its method's typed parameters."""
+
+    def __init__(self, spec: ExperimentSpec | ExperimentConfig, device: str = "cpu", dataset: Dataset | None = None):
+        spec = spec if isinstance(spec, ExperimentSpec) else resolve(spec)
+        self.experiment = spec
+        self.cfg = cfg = spec.config
+        self.method_params = spec.params
         self.device = torch.device(device)
         self.dataset = dataset if dataset is not None else load_dataset(cfg.data)
-        self.clients: list[ClientData] = partition(
-            self.dataset.y_train.numpy(), self.dataset.y_test.numpy(), cfg.data.split, cfg.clients.total, cfg.seed)
+        self.clients: list[ClientData] = client_partition(cfg, self.dataset)
         self.num_classes = self.dataset.num_classes
         self.image_shape = self.dataset.image_shape
-        self.model_name = resolve_model_name(cfg.model.name, cfg.data.dataset, self.image_shape)
+        self.model_name = spec.model
         template = self.build(ModelSpec((), cfg.model.norm), device="meta")
         self.layout = template.layout
         self.full_widths = template.full_widths

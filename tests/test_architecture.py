@@ -42,7 +42,8 @@ def harness_imports() -> dict[str, set[str]]:
 def test_the_harness_has_no_import_cycle():
     graph = harness_imports()
     assert len(graph) > 15 and graph["harness.experiment"] >= {"harness.engine", "harness.workbench"}
-    assert graph["harness.records"] == set()  # the records import nothing of the harness
+    assert graph["harness.schema"] == set()  # the config schema imports nothing of the harness
+    assert graph["harness.records"] == {"harness.schema"}  # the records nothing but the schema
     state: dict[str, str] = {}
 
     def visit(module, path):
@@ -117,6 +118,15 @@ class StepsAvgPerRound(StepsAvg):
 
     def aggregate(self, rnd, kept, dropped):
         return {**super().aggregate(rnd, kept, dropped), "averaged": len(kept)}
+
+
+def test_loading_the_schema_loads_neither_torch_nor_the_harness():
+    import subprocess
+    import sys
+
+    code = "import sys, harness.schema; print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('harness')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['harness', 'harness.schema']"
 
 
 def test_the_readme_shows_this_method():

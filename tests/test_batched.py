@@ -277,7 +277,7 @@ def test_the_ray_executor_dispatches_to_the_batched_path(config, groups):
     from harness.ray_engine import Executor
 
     cfg = config(**{"engine.batch_clients": True})
-    executor = Executor(cfg.model_dump_json(), None, 1.0, use_cuda=False)  # in process, no Ray
+    executor = Executor(cfg, None, 1.0, use_cuda=False)  # in process, no Ray
     strategy = FedAvg(executor.bench, executor.bench.method_params)  # the server half, for the round's tasks
     strategy.setup(MemoryStore())
     broadcast, tasks = round_tasks(executor.bench, strategy, 0, [0, 1, 2])

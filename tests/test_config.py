@@ -32,7 +32,7 @@ def run_cli(tmp_path, text, *args):
     (GOOD, ["--set", "clients.per_round=50"], "clients"),
     (GOOD, ["--set", "data.dataset=imagenet"], "data.dataset"),
     (GOOD, ["--set", "model.name=transformer"], "model.name"),
-    (GOOD, ["--set", "method.name=fedprox"], "method.name"),
+    (GOOD, ["--set", "method.name=fedbogus"], "method.name"),
     (GOOD, ["--set", "method.lambda_=2"], "method.lambda_: unknown key"),
     (GOOD, ["--set", "train.lr=-0.1"], "train.lr"),
     (GOOD, ["--set", "train.batch_size=2.5"], "train.batch_size"),
