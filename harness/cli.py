@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -110,14 +111,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_run(args) -> int:
     from harness import config, storage
-    from harness.experiment import Experiment
-    from harness.report import print_summary
     from harness.validation import validate
 
     experiments, _ = config.load(args.config, args.overrides, args.out)
     experiments = [config.with_absolute_paths(cfg) for cfg in experiments]
     specs = {cfg.name: validate(cfg) for cfg in experiments}  # every input error surfaces before anything is written
-    folders = {cfg.name: storage.resolve(cfg.out) / cfg.name for cfg in experiments}
+    outs = {cfg.out: storage.resolve(cfg.out) for cfg in experiments}
+    with contextlib.ExitStack() as held:
+        for out in outs.values():  # one writer per output folder, checked before anything is touched
+            held.enter_context(storage.Lease(out, _command_line()))
+        return _run_experiments(experiments, specs, outs, args)
+
+
+def _command_line() -> str:
+    return " ".join(["fedbench", *sys.argv[1:]])[:200]
+
+
+def _run_experiments(experiments, specs, outs, args) -> int:
+    from harness.experiment import ClientCodeError, Experiment
+    from harness.report import print_summary
+
+    folders = {cfg.name: outs[cfg.out] / cfg.name for cfg in experiments}
     existing = [str(f) for f in folders.values() if f.exists()]
     if existing and not args.overwrite:
         more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
@@ -129,13 +143,25 @@ def cmd_run(args) -> int:
         (folders[cfg.name] / "summary.parquet").delete()
         folders[cfg.name].delete()
         try:
-            summaries.append(Experiment(specs[cfg.name], progress=not args.quiet).run())
+            summary = Experiment(specs[cfg.name], progress=not args.quiet).run()
         except UserError:
             raise
+        except ClientCodeError as e:  # the method's bug, with the client's traceback
+            failed += 1
+            print(f"fedbench: {e}", file=sys.stderr)
+            continue
         except Exception as e:  # noqa: BLE001 - one failed experiment must not lose the others
             failed += 1
-            log.error("experiment %s failed: %s: %s", cfg.name, type(e).__name__, e, exc_info=log.isEnabledFor(logging.INFO))
+            if log.isEnabledFor(logging.INFO):
+                log.exception("experiment %s failed", cfg.name)
             print(f"fedbench: experiment {cfg.name} failed: {type(e).__name__}: {e}", file=sys.stderr)
+            continue
+        summaries.append(summary)
+        if summary["status"] == "failed":
+            failed += 1
+            print(f"fedbench: experiment {cfg.name} failed: {summary['status_note']}", file=sys.stderr)
+        elif summary["status"] == "degraded":
+            print(f"fedbench: experiment {cfg.name} degraded: {summary['status_note']}", file=sys.stderr)
     if summaries:
         print_summary(summaries, experiments[0].out)
     return 1 if failed else 0
@@ -184,7 +210,7 @@ def _report(folder, output: str | None, target: float | None, plots_dir: str | N
     board = leaderboard.build(folder, target)
     print(leaderboard.format_table(board))
     csv = leaderboard.write(board, output or folder / "leaderboard.csv")
-    figures = plot(folder, plots_dir)
+    figures = plot(folder, plots_dir, say=False)
     print(f"\nleaderboard: {csv}\nplots: {', '.join(str(f) for f in figures)}")
 
 
@@ -205,15 +231,21 @@ def cmd_sweep(args) -> int:
         raise UserError("--name" if args.name else str(args.config), f"sweep name {name!r}: {e}") from None
     out = storage.resolve(args.out or Path("results") / name)
     failed = None
-    try:
-        run_sweep(experiments, sweep, out, name, resume=args.resume)
-    except SweepFailed as e:
-        failed = e
-        print(f"fedbench: {e}", file=sys.stderr)
-    except SweepInterrupted as e:
-        print(f"fedbench: {e}", file=sys.stderr)
-        return 130
-    _report(out, None, target, args.plots_dir)
+    with storage.Lease(out, _command_line()):
+        try:
+            run_sweep(experiments, sweep, out, name, resume=args.resume)
+        except SweepFailed as e:
+            failed = e
+            print(f"fedbench: {e}", file=sys.stderr)
+        except SweepInterrupted as e:
+            print(f"fedbench: {e}", file=sys.stderr)
+            return 130
+        try:
+            _report(out, None, target, args.plots_dir)
+        except UserError as e:
+            if failed is None:
+                raise
+            print(f"fedbench: {e}", file=sys.stderr)  # nothing to report: every experiment failed
     return 1 if failed else 0
 
 
@@ -222,8 +254,10 @@ def cmd_leaderboard(args) -> int:
 
     board = leaderboard.build(args.dir, _target(args.target_acc), args.baseline)
     table = leaderboard.claims(args.dir, args.claims) if args.claims is not None else None
-    print(leaderboard.format_table(board))
     root = storage.resolve(args.dir)
+    if args.output is not None and storage.resolve(args.output).is_dir():
+        raise UserError("-o", f"{args.output} is a folder; give the CSV file's name (e.g. {args.output}/leaderboard.csv)")
+    print(leaderboard.format_table(board))
     written = [leaderboard.write(board, args.output or root / "leaderboard.csv")]
     if table is not None:
         print("\n" + leaderboard.format_claims(table))
@@ -253,6 +287,10 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except UserError as e:
         print(f"fedbench: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a folder that cannot be written (read-only, full, a file in the way)
+        where = e.filename or "fedbench"
+        print(f"fedbench: error: {where}: {e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fedbench: interrupted", file=sys.stderr)

@@ -115,11 +115,12 @@ class ClientRow(Identity):
 @dataclasses.dataclass
 class SummaryRow(Identity):
     rounds: int
-    status: str
-    final_acc: float
-    best_acc: float
+    status: str  # completed, degraded or failed (harness/experiment.py, Experiment.status)
+    status_note: Optional[str]  # why, where it is not completed
+    final_acc: Optional[float]  # None: no round was evaluated (a run that failed in round 0)
+    best_acc: Optional[float]
     final_acc_global: Optional[float]
-    final_acc_global_clients: float
+    final_acc_global_clients: Optional[float]
     sim_total_s: float
     flops_total: float
     bytes_up_total: int

@@ -27,6 +27,23 @@ from harness.schema import (DATASETS, MODELS, PAPER_TIERS, ClientsConfig, DataCo
 # Loading
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: SafeLoader reports it
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     try:
@@ -36,7 +53,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise ConfigError(str(path), "not a text file (expected a YAML config)") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -79,7 +96,13 @@ def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
 
 def _raise_validation(err: ValidationError, prefix: str = "") -> None:
     errors = err.errors()
-    first = errors[0]
+    # Of a union's alternatives (`availability`: a string or a mapping), the one the value was meant
+    # for: not the one whose type it does not have at all.
+    mismatch = ("string_type", "int_type", "float_type", "bool_type", "dict_type", "list_type", "literal_error")
+    first = sorted(errors, key=lambda e: e["type"] in mismatch)[0]
+    union_tags = {str(p) for e in errors for p in e["loc"] if isinstance(p, str) and ("[" in p or p in (
+        "str", "int", "float", "bool"))} if len(errors) > 1 else set()
+    first = dict(first, loc=tuple(p for p in first["loc"] if str(p) not in union_tags))
     loc = ".".join(str(p) for p in first["loc"])
     field = ".".join(x for x in (prefix, loc) if x) or prefix or "config"
     msg = first["msg"]
@@ -248,6 +271,11 @@ def expand(raw: dict[str, Any], overrides: list[tuple[str, Any]] = ()) -> tuple[
     axes = list(grid)
     experiments: list[ExperimentConfig] = []
     names: set[str] = set()
+    for axis in axes:
+        repeated = next((v for i, v in enumerate(grid[axis]) if v in grid[axis][:i]), None)
+        if repeated is not None:
+            raise ConfigError(f"grid.{axis}", f"the value {repeated!r} appears twice: a grid point must not repeat")
+    trees: list[dict[str, Any]] = []
     for point in itertools.product(*(grid[a] for a in axes)):
         tree = copy.deepcopy(base)
         for axis, value in zip(axes, point):
@@ -256,9 +284,14 @@ def expand(raw: dict[str, Any], overrides: list[tuple[str, Any]] = ()) -> tuple[
                 merged.update(copy.deepcopy(value))
                 value = merged
             set_dotted(tree, axis, copy.deepcopy(value))
+        if tree in trees:
+            raise ConfigError("grid", f"two grid points give the same experiment ({', '.join(f'{a}={v!r}' for a, v in zip(axes, point))})"
+                                      f": a grid point must not repeat")
+        trees.append(copy.deepcopy(tree))
         name = experiment_name(tree, [axis_label(v) for a, v in zip(axes, point) if len(grid[a]) > 1 and a != "seed"])
-        while name in names:
-            name += "+"
+        if name in names:
+            raise ConfigError("grid", f"two grid points are both named {name!r} (their values differ but print the "
+                                      f"same); make the values distinct")
         names.add(name)
         tree["name"] = name
         experiments.append(validate_experiment(tree))

@@ -123,6 +123,11 @@ class DeviceAssigner:
             keys = [(int(c), None if pd.isna(r) else int(r)) for c, r in zip(df["client_id"], rounds)]
         except (TypeError, ValueError):
             raise ConfigError("devices.trace", f"{path}: client_id and round must be integers") from None
+        bad = [(c, r) for c, r in keys if not 0 <= c < self.num_clients or (r is not None and r < 0)]
+        if bad:
+            c, r = bad[0]
+            raise ConfigError("devices.trace", f"{path}: row client {c}{'' if r is None else f', round {r}'}: needs "
+                                               f"0 <= client_id < {self.num_clients} and round >= 0")
         # Rows without a round hold in every round; a row for a round overrides them there.
         trace = {k: names[str(t)] for k, t in zip(keys, df["tier"]) if k[1] is None}
         trace.update({k: names[str(t)] for k, t in zip(keys, df["tier"]) if k[1] is not None})

@@ -7,7 +7,9 @@ training set (train and validation) and into the test set.
 from __future__ import annotations
 
 import functools
+import logging
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +20,8 @@ from harness.columns import TEST_SETS  # the constructions of per-client test se
 from harness.config import DataConfig, SplitConfig
 from harness.errors import ConfigError
 from harness.seeding import rng
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -116,24 +120,65 @@ def _torchvision(name: str, root: str, download: bool) -> Dataset:
 def _npz(path: str) -> Dataset:
     p = Path(path).expanduser()
     try:
-        with np.load(p) as d:
-            arrays = {k: d[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+        with open(p, "rb") as f:
+            magic = f.read(4)
     except FileNotFoundError:
         raise ConfigError("data.dataset", f"file not found: {p}") from None
+    except OSError as e:
+        raise ConfigError("data.dataset", f"cannot read {p}: {e.strerror or e}") from None
+    if magic[:2] != b"PK":
+        raise ConfigError("data.dataset", f"{p.name} is not an npz file (a zip of .npy arrays, as numpy.savez writes)")
+    try:
+        with np.load(p, allow_pickle=False) as d:
+            arrays = {k: d[k] for k in ("x_train", "y_train", "x_test", "y_test")}
     except KeyError as e:
         raise ConfigError("data.dataset", f"{p} lacks array {e}") from None
-    except (OSError, ValueError) as e:
-        raise ConfigError("data.dataset", f"cannot read {p}: {e}") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError("data.dataset", f"cannot read {p.name}, damaged or truncated? ({first})") from None
     for key in ("y_train", "y_test"):
         y = np.asarray(arrays[key])
-        if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer) or np.array_equal(y, np.round(y))):
+        if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer)
+                               or (np.issubdtype(y.dtype, np.floating) and np.array_equal(y, np.round(y)))):
             raise ConfigError("data.dataset", f"{p.name}: {key} must be a 1-D array of integer class labels")
         if len(y) and y.min() < 0:
             raise ConfigError("data.dataset", f"{p.name}: {key} holds labels outside 0..classes-1 "
                                               f"(smallest: {y.min()})")
     if len(arrays["x_train"]) != len(arrays["y_train"]) or len(arrays["x_test"]) != len(arrays["y_test"]):
         raise ConfigError("data.dataset", f"{p.name}: x_train/y_train or x_test/y_test differ in length")
+    for key in ("x_train", "x_test"):
+        if not len(arrays[key]):
+            raise ConfigError("data.dataset", f"{p.name}: {key} holds no samples")
+        if arrays[key].ndim not in (3, 4):
+            raise ConfigError("data.dataset", f"{p.name}: {key} must hold images (N, H, W), (N, H, W, C) or "
+                                              f"(N, C, H, W), got shape {arrays[key].shape}")
+        arrays[key] = _pixels(arrays[key], f"{p.name}: {key}")
+    if _nchw_shape(arrays["x_train"]) != _nchw_shape(arrays["x_test"]):
+        raise ConfigError("data.dataset", f"{p.name}: test images have shape {arrays['x_test'].shape[1:]}, training "
+                                          f"images {arrays['x_train'].shape[1:]}")
     return _finish(f"npz:{p.name}", **arrays)
+
+
+def _pixels(x: np.ndarray, what: str) -> np.ndarray:
+    """Images as uint8: uint8 as they are; floats in [0, 1] scaled by 255 and rounded (said once);
+    anything else refused, never wrapped or truncated."""
+    if x.dtype == np.uint8:
+        return x
+    if np.issubdtype(x.dtype, np.floating):
+        lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
+        if not (np.isfinite(lo) and np.isfinite(hi) and 0.0 <= lo and hi <= 1.0):
+            raise ConfigError("data.dataset", f"{what}: float pixels must lie in [0, 1], found [{lo:g}, {hi:g}]")
+        log.warning("%s: float pixels in [0, 1] are converted to uint8 (x 255, rounded)", what)
+        return np.rint(x * 255.0).astype(np.uint8)
+    raise ConfigError("data.dataset", f"{what}: pixels must be uint8 (0..255) or floats in [0, 1], got {x.dtype}")
+
+
+def _nchw_shape(x: np.ndarray) -> tuple[int, ...]:
+    """The shape of one image as _finish stores it (channels first)."""
+    shape = x.shape[1:]
+    if len(shape) == 2:
+        return (1, *shape)
+    return (shape[2], shape[0], shape[1]) if shape[-1] in (1, 3) else shape
 
 
 @functools.lru_cache(maxsize=4)

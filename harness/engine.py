@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import torch
 
 from harness.batched import GraphCache, train_jobs
-from harness.records import ClientResult, ClientTask
+from harness.records import CODE_ERRORS, ClientResult, ClientTask
 from harness.registry import method_class
 from harness.training import LocalJob, threads, torch_threads
 
@@ -39,7 +39,9 @@ def failed_result(task: ClientTask, e: BaseException) -> ClientResult:
     """The failed result of `task`, naming the exception and where it was raised."""
     last = traceback.extract_tb(e.__traceback__)[-1:] or [None]
     where = f" at {last[0].filename.rsplit('/', 1)[-1]}:{last[0].lineno}" if last[0] else ""
-    return ClientResult(task.client_id, task.round, status="error", error=f"{type(e).__name__}: {e}{where}")
+    return ClientResult(task.client_id, task.round, status="error", error=f"{type(e).__name__}: {e}{where}",
+                        error_type=f"{type(e).__module__}.{type(e).__qualname__}",
+                        traceback="".join(traceback.format_exception(e)), code_error=isinstance(e, CODE_ERRORS))
 
 
 def batching_enabled(cfg, device) -> bool:

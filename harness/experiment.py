@@ -71,6 +71,9 @@ class Experiment:
         self.clients: list[dict[str, Any]] = []  # rows not yet in a part of clients.parquet
         self.client_parts = 0  # parts written: <experiment>/_clients/part-000000.parquet, ...
         self.totals = dict(sim=0.0, flops=0.0, up=0, down=0, wall=0.0)
+        # Client failures so far: tasks failed, rounds with a failure, the first one, and why the
+        # experiment stopped (None while it may go on).
+        self.failures: dict[str, Any] = dict(clients=0, rounds=0, first=None, stopped=None, trained=0)
 
     # -- checkpoints -------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -79,20 +82,19 @@ class Experiment:
         return {"config": self.cfg.model_dump(mode="json"), "next_round": self.next_round,
                 "strategy": self.strategy.state_dict(), "store": self.store.export(),
                 "rounds": list(self.rounds), "clients": list(self.clients), "client_parts": self.client_parts,
-                "totals": dict(self.totals)}
+                "totals": dict(self.totals), "failures": dict(self.failures)}
 
     def restore(self, state: dict[str, Any]) -> None:
-        def comparable(config):  # the folder may have moved since (a copied results folder)
-            return {k: v for k, v in config.items() if k != "out"}
-
-        if comparable(state["config"]) != comparable(self.cfg.model_dump(mode="json")):
-            raise ValueError(f"checkpoint of experiment {self.cfg.name} was made with another config")
+        changed = config_changes(state["config"], self.cfg.model_dump(mode="json"), type(self.cfg))
+        if changed:
+            raise ValueError(f"checkpoint of experiment {self.cfg.name} was made with another config ({changed})")
         self.next_round = state["next_round"]
         self.strategy.load_state_dict(state["strategy"])
         self.store.restore(state["store"])
         self.rounds, self.clients = list(state["rounds"]), list(state["clients"])
         self.client_parts = state["client_parts"]
         self.totals = dict(state["totals"])
+        self.failures = dict(self.failures, **state.get("failures", {}))  # older checkpoints have none
 
     # -- the loop ----------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -109,7 +111,7 @@ class Experiment:
                 from tqdm import tqdm
                 bar = tqdm(total=cfg.rounds, initial=self.next_round, desc=cfg.name, unit="round", dynamic_ncols=True)
             last_flush = time.monotonic()
-            while self.next_round < cfg.rounds:
+            while self.next_round < cfg.rounds and self.failures["stopped"] is None:
                 row = self._play_round(engine, self.next_round)
                 self.next_round += 1
                 if row is not None and self.on_round is not None:
@@ -149,6 +151,7 @@ class Experiment:
         tasks = [ClientTask(s.client_id, rnd, s.tier, ins, self.store.get(s.client_id))
                  for s, ins in zip(slots, instructions)]
         results = engine.run(broadcast, tasks)
+        self._count_failures(rnd, results)
         for slot, r in zip(slots, results):
             if r.trained:
                 t = client_time(slot.tier, cfg.devices, r.flops, r.bytes_down, r.bytes_up)
@@ -202,6 +205,29 @@ class Experiment:
         self.rounds.append(row)
         return row
 
+    def _count_failures(self, rnd: int, results: list[ClientResult]) -> None:
+        """Stop at once on a bug in the method's code; count other failures, and end the experiment
+        (failed) after a round where more than engine.max_failed_fraction of the clients failed, or
+        any client of round 0."""
+        bug = next((r for r in results if r.code_error), None)
+        if bug is not None:
+            raise ClientCodeError(self.cfg.name, self.cfg.method.name, bug)
+        failed = [r for r in results if not r.trained]
+        f = self.failures
+        f["trained"] += len(results) - len(failed)
+        if not failed:
+            return
+        f["clients"] += len(failed)
+        f["rounds"] += 1
+        if f["first"] is None:
+            f["first"] = f"round {rnd}, client {failed[0].client_id}: {failed[0].error}"
+        limit = 0.0 if rnd == 0 else self.cfg.engine.max_failed_fraction
+        if len(failed) > limit * len(results):
+            f["stopped"] = (f"{len(failed)} of {len(results)} clients failed in round {rnd}"
+                            + (" (round 0 allows none)" if rnd == 0 else f" (limit: engine.max_failed_fraction="
+                                                                          f"{limit:g})")
+                            + f"; first: {failed[0].error}")
+
     def _flush(self) -> None:
         """rounds.parquet whole (one row per evaluated round); the client rows since the last flush as
         the next part of clients.parquet, so a long run never rewrites a growing file."""
@@ -218,19 +244,43 @@ class Experiment:
     def _clear_stale(self) -> None:
         """Before (re)starting: no summary of an earlier attempt beside new rows, and no client parts
         beyond those this run's state counts (written after the checkpoint it continues from)."""
-        (self.out_dir / "summary.parquet").delete()
+        summary = self.out_dir / "summary.parquet"
+        try:
+            ended = storage.read_parquet(summary)["status"].iloc[0]
+        except Exception:  # noqa: BLE001 - none, or a damaged one: nothing finished is lost
+            ended = None
+        if ended is not None:
+            raise RuntimeError(f"{self.out_dir} holds a finished experiment ({ended}); only `fedbench run "
+                               f"--overwrite` replaces one")
+        summary.delete()
         (self.out_dir / "clients.parquet").delete()
         keep = {p.name for p in self._parts()}
         for part in (self.out_dir / CLIENT_PARTS).children():
             if part.name not in keep:
                 part.delete()
 
+    def status(self) -> tuple[str, str | None]:
+        """(`completed`, `degraded` or `failed`, and why where it is not `completed`)."""
+        f = self.failures
+        if f["stopped"] is not None:
+            return "failed", f["stopped"]
+        if f["trained"] == 0:
+            return "failed", "no client trained in any round (none was online, or every one failed)"
+        if f["clients"]:
+            return "degraded", (f"{f['clients']} client tasks failed in {f['rounds']} rounds, each round within "
+                                f"engine.max_failed_fraction={self.cfg.engine.max_failed_fraction:g}; "
+                                f"first: {f['first']}")
+        return "completed", None
+
     def _summary(self) -> dict[str, Any]:
         rounds, totals = self.rounds, self.totals
-        summary = record_row(SummaryRow, **self.identity, rounds=self.cfg.rounds, status="completed",
-                             final_acc=rounds[-1]["acc_clients_mean"],
-                             best_acc=max(r["acc_clients_mean"] for r in rounds), final_acc_global=rounds[-1]["acc_global"],
-                             final_acc_global_clients=rounds[-1]["acc_global_clients_mean"], sim_total_s=totals["sim"],
+        status, note = self.status()
+        last = rounds[-1] if rounds else {}
+        summary = record_row(SummaryRow, **self.identity, rounds=self.cfg.rounds, status=status, status_note=note,
+                             final_acc=last.get("acc_clients_mean"),
+                             best_acc=max((r["acc_clients_mean"] for r in rounds), default=None),
+                             final_acc_global=last.get("acc_global"),
+                             final_acc_global_clients=last.get("acc_global_clients_mean"), sim_total_s=totals["sim"],
                              flops_total=totals["flops"], bytes_up_total=totals["up"], bytes_down_total=totals["down"],
                              wall_total_s=totals["wall"], **machine())
         write_table(self.out_dir / "summary.parquet", [summary], SUMMARY)
@@ -250,6 +300,41 @@ class Experiment:
         row = record_row(ClientRow, **self.identity, round=r.round, client_id=r.client_id, tier=slot.tier.name,
                          cap=slot.tier.cap, num_samples=slot.num_samples, status=r.status, error=r.error, **work)
         return {**row, **(r.metrics if r.trained else {})}
+
+
+class ClientCodeError(RuntimeError):
+    """A client raised one of CODE_ERRORS: a bug in the method's code, shown with the client's
+    traceback (from the executor process where it ran)."""
+
+    def __init__(self, experiment: str, method: str, result: ClientResult):
+        self.result = result
+        super().__init__(f"experiment {experiment} stopped: method {method} raised {result.error_type} on client "
+                         f"{result.client_id} in round {result.round} (a bug in the method's code, not a client "
+                         f"failure). The client's traceback:\n{(result.traceback or result.error or '').rstrip()}")
+
+
+def config_changes(stored: dict[str, Any], current: dict[str, Any], schema=ExperimentConfig) -> str | None:
+    """None if `current` is the config `stored` was made with, else what differs. Compared key by key
+    after `stored` is read with today's schema: an option that `stored` lacks (added to fedbench since)
+    counts as its default, so an upgrade alone never stops a resume; `out` may differ (a moved folder)."""
+    from pydantic import ValidationError
+
+    try:
+        then = schema.model_validate({k: v for k, v in stored.items() if k != "out"}).model_dump(mode="json")
+    except ValidationError as e:
+        first = e.errors()[0]
+        return f"{'.'.join(map(str, first['loc']))}: {first['msg']} under today's schema"
+    diffs = _diff(then, current, "")
+    return ", ".join(diffs[:3]) + (f" and {len(diffs) - 3} more" if len(diffs) > 3 else "") if diffs else None
+
+
+def _diff(a: Any, b: Any, at: str) -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) if k != "out" or at
+                for d in (_diff(a.get(k), b.get(k), f"{at}.{k}" if at else k) if k in a and k in b
+                          else [f"{at}.{k}" if at else k])]
+    return [] if a == b else [f"{at}: {a!r} -> {b!r}"]
+
 
 
 def _weighted(values, weights) -> float | None:

@@ -11,6 +11,7 @@ there is no interval (fewer than 2 paired seeds), so one seed is never read as a
 """
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -19,7 +20,8 @@ import pandas as pd
 
 from harness.columns import TEST_SET_SUFFIX, TEST_SETS, accuracy_column
 from harness.errors import UserError
-from harness.results import load
+
+log = logging.getLogger(__name__)
 
 LAST = 10  # the headline accuracy: the mean of a run's last 10 evaluated rounds
 TIME_CLAIM_PCT = 68.8  # the FedLPS paper: "reduces running time by more than 68.80 %"
@@ -31,11 +33,75 @@ VIEWS = (("", accuracy_column("clients")), ("_global", accuracy_column("global_c
 TESTS = tuple((TEST_SET_SUFFIX[kind], kind) for kind in TEST_SETS)
 
 
-def _load(root: str | Path, table: str) -> pd.DataFrame:
+SUMMARY_NEEDS = {"experiment", "setting", "method_label", "seed", "status", "final_acc", "best_acc", "sim_total_s"}
+ROUNDS_NEEDS = {"experiment", "round", "acc_clients_mean", "sim_total_s"}
+USABLE = ("completed", "degraded")  # `failed` runs are left out; `degraded` ones are counted and flagged
+
+
+def load_runs(root: str | Path, say: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Every usable experiment under `root`: (its summaries, its rounds). A run that failed, or an
+    experiment folder whose files cannot be read or are not fedbench's, is left out and named (one
+    line each through the log when `say`); degraded runs are kept and named. Raises UserError when
+    nothing is left, saying why."""
+    from harness import storage
+
+    location = storage.resolve(root)
+    summaries, rounds, left_out, failed, degraded = [], [], [], [], []
+    for file in location.find("summary.parquet"):
+        folder = file.parent
+        name = folder.path[len(location.path):].strip("/") or folder.name
+        try:
+            summary = _read(file, SUMMARY_NEEDS)
+            if not summary["status"].isin(USABLE).all():
+                why = summary["status_note"].iloc[0] if "status_note" in summary else None
+                failed.append(f"{name}" + (f" ({why})" if isinstance(why, str) and why else ""))
+                continue
+            runs = _read(folder / "rounds.parquet", ROUNDS_NEEDS)
+        except ValueError as e:
+            left_out.append(f"{name} ({e})")
+            continue
+        if (summary["status"] == "degraded").any():
+            degraded.append(name)
+        summaries.append(summary)
+        rounds.append(runs)
+    notes = []
+    if failed:
+        notes.append(f"left out {len(failed)} failed run{'s' if len(failed) > 1 else ''}: {'; '.join(failed)}")
+    if left_out:
+        notes.append(f"left out {len(left_out)} damaged or foreign experiment folder{'s' if len(left_out) > 1 else ''}: "
+                     f"{'; '.join(left_out)}")
+    if degraded:
+        notes.append(f"{len(degraded)} degraded run{'s' if len(degraded) > 1 else ''} (some clients failed; "
+                     f"column degraded_runs): {', '.join(degraded)}")
+    if not summaries:
+        why = "; ".join(notes) if notes else "no summary.parquet below it"
+        raise UserError(str(root), f"no completed experiment here: {why}")
+    if say:
+        for note in notes:
+            log.warning("%s", note)
+    summary = pd.concat(summaries, ignore_index=True)
+    if "status_note" not in summary:
+        summary["status_note"] = None
+    return summary, pd.concat(rounds, ignore_index=True)
+
+
+def _read(file, needs: set[str]) -> pd.DataFrame:
+    """One Parquet file of fedbench's, or ValueError naming the file and what is wrong with it."""
+    from harness import storage
+
     try:
-        return load(root, table)
+        frame = storage.read_parquet(file)
     except FileNotFoundError:
-        raise UserError(str(root), f"no finished experiment here (no {table}.parquet below it)") from None
+        raise ValueError(f"no {file.name}") from None
+    except Exception as e:  # noqa: BLE001 - pyarrow raises many kinds for a damaged file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise ValueError(f"{file.name} is damaged: {first}") from None
+    missing = needs - set(frame.columns)
+    if missing:
+        raise ValueError(f"{file.name} is not fedbench's (lacks {', '.join(sorted(missing))})")
+    if not len(frame):
+        raise ValueError(f"{file.name} is empty")
+    return frame
 
 
 # -- statistics ----------------------------------------------------------------------------------
@@ -87,11 +153,9 @@ def view_columns() -> list[tuple[str, str, str]]:
     return [(tag, suffix, column + suffix) for suffix, _ in TESTS for tag, column in VIEWS]
 
 
-def _runs(root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The completed runs (one row each, with `last10<tag><suffix>` per view) and their rounds."""
-    summary = _load(root, "summary")
-    summary = summary[summary["status"] == "completed"].copy()
-    rounds = _load(root, "rounds")
+def _runs(root: str | Path, say: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The usable runs (one row each, with `last10<tag><suffix>` per view) and their rounds."""
+    summary, rounds = load_runs(root, say)
     rounds = rounds[rounds["experiment"].isin(summary["experiment"])].sort_values(["experiment", "round"])
     tail = rounds.groupby("experiment").tail(LAST).groupby("experiment")
     for tag, suffix, column in view_columns():
@@ -180,6 +244,7 @@ def build(root: str | Path, target_acc: float | None = None, baseline: str | Non
                 "setting": setting, "setting_title": runs["setting_title"].iloc[0], "method": label,
                 "method_title": runs["method_title"].iloc[0], "dataset": runs["dataset"].iloc[0],
                 "model": runs["model"].iloc[0], "seeds": len(runs), **_summary_stats(runs),
+                "degraded_runs": int((runs["status"] == "degraded").sum()),
                 "target_acc": target, "seeds_reaching_target": len(reached),
                 "time_to_target_s": float(np.mean(reached)) if len(reached) == len(ttt) else float("nan"),
                 "sim_total_s": runs["sim_total_s"].mean(), "tflops_total": runs["flops_total"].mean() / 1e12,
@@ -261,7 +326,7 @@ def claims(root: str | Path, label: str) -> pd.DataFrame:
     per (setting, method, other method, evaluation view, test sets) with the paired accuracy gain in
     points and in percent, its verdict, the running-time reduction in percent and whether "more than
     68.80 % less running time" holds."""
-    summary, _ = _runs(root)
+    summary, _ = _runs(root, say=False)
     mine = resolve(summary, label, "--claims", single=False)
     rows = []
     for setting, group in summary.groupby("setting", sort=True):

@@ -15,7 +15,7 @@ import numpy as np
 
 from harness import storage
 from harness.columns import VIEWS, accuracy_column
-from harness.leaderboard import _load, mean_ci, t975
+from harness.leaderboard import load_runs, mean_ci, t975
 
 MODEL_NAMES = {"cnn": "CNN", "vgg11": "VGG-11", "vgg13": "VGG-13", "resnet18": "ResNet-18"}
 PANELS = tuple((accuracy_column(view), title) for view, title in VIEWS.items())
@@ -43,7 +43,7 @@ def _titles(frame, column: str, fallback: str) -> dict[str, str]:
     return out
 
 
-def figures(root):
+def figures(root, say: bool = True):
     """Yields (file name, matplotlib Figure) for every figure of the results under `root` (a folder or
     a URI); the caller closes each figure."""
     import matplotlib
@@ -51,11 +51,10 @@ def figures(root):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    summary = _load(root, "summary")
-    summary = summary[summary["status"] == "completed"]
-    rounds = _load(root, "rounds")
+    summary, rounds = load_runs(root, say)
     rounds = rounds[rounds["experiment"].isin(summary["experiment"])].sort_values(["experiment", "round"])
     method_titles = _titles(summary, "method_title", "method_label")
+    degraded = summary[summary["status"] == "degraded"].groupby("method_label").size().to_dict()
     setting_titles = _titles(summary, "setting_title", "setting")
     for setting, runs in rounds.groupby("setting"):
         stem = re.sub(r"[^A-Za-z0-9._-]+", "_", setting)
@@ -81,6 +80,8 @@ def figures(root):
                         continue
                     grid, mean, low, high = _band(curves)
                     label = method_titles[m] if same_seeds else f"{method_titles[m]} ({len(curves)} seeds)"
+                    if m in degraded:
+                        label += f" ({degraded[m]} degraded)"
                     ax.plot(grid, mean, color=colors[m], label=label)
                     if low is not None:
                         # accuracies lie in [0, 100]: the interval of a mean over few seeds may reach past them
@@ -111,14 +112,14 @@ def figures(root):
         yield f"{stem}_running_time.png", fig
 
 
-def plot(root, out=None) -> list[Path | str]:
+def plot(root, out=None, say: bool = True) -> list[Path | str]:
     """Every figure of the results under `root` as PNG into `out` (a folder or a URI; default
     root/plots), each written whole."""
     import matplotlib.pyplot as plt
 
     out = storage.resolve(out) if out else storage.resolve(root) / "plots"
     written = []
-    for name, fig in figures(root):
+    for name, fig in figures(root, say):
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=120)
         where = out / name

@@ -54,7 +54,11 @@ class Executor:
 
 
 def connect(include_dashboard: bool = False) -> None:
-    """Join the current Ray session, the cluster at RAY_ADDRESS, or start a local one."""
+    """Join the current Ray session, the cluster at RAY_ADDRESS, or start a local one.
+
+    A local Ray is this machine's alone: every listener (GCS, raylet, object manager, workers, agents,
+    dashboard) is bound to 127.0.0.1, its token file is readable by its owner only, and a watcher
+    process ends the session's processes when the driver dies, even by SIGKILL."""
     import ray
 
     if ray.is_initialized():
@@ -63,17 +67,113 @@ def connect(include_dashboard: bool = False) -> None:
     kwargs = dict(log_to_driver=False, logging_level=logging.WARNING)
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
-    else:
-        # A local Ray has token authentication on (Ray >= 2.59; the token in ~/.ray/auth_token, or
-        # where RAY_AUTH_TOKEN_PATH says). The README explains it once; Ray's notice about it is not
-        # repeated on every run.
-        notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
-        level = notice.level
-        notice.setLevel(logging.ERROR)
-        try:
-            ray.init(include_dashboard=include_dashboard, dashboard_host="127.0.0.1", **kwargs)
-        finally:
-            notice.setLevel(level)
+        return
+    _loopback_only()
+    _private_token_file()
+    # A local Ray has token authentication on (Ray >= 2.59; the token in ~/.ray/auth_token, or
+    # where RAY_AUTH_TOKEN_PATH says). The README explains it once; Ray's notice about it is not
+    # repeated on every run.
+    notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    level = notice.level
+    notice.setLevel(logging.ERROR)
+    try:
+        ray.init(include_dashboard=include_dashboard, dashboard_host="127.0.0.1", **kwargs)
+    finally:
+        notice.setLevel(level)
+    _private_token_file()
+    _watch_driver()
+
+
+def _loopback_only() -> None:
+    """Make Ray take 127.0.0.1 for this node's address, so that its servers bind there. Ray binds its
+    gRPC servers to the node's address; ray.init(_node_ip_address="127.0.0.1") is turned back into
+    the outward address by Ray (services.resolve_ip_for_localhost), but Ray takes the loopback address
+    for the node where it is told that it runs no multi-node cluster (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0,
+    inherited by every process of the session)."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False  # read at call time; the module may be imported already
+
+
+def _private_token_file() -> None:
+    """The token Ray would write to ~/.ray/auth_token with the process's umask (often 0644), written
+    first with mode 0600; an existing one of ours is made 0600."""
+    import secrets
+    from pathlib import Path
+
+    if os.environ.get("RAY_AUTH_MODE", "token") != "token" or os.environ.get("RAY_AUTH_TOKEN"):
+        return
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
+    try:
+        if not path.exists():
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))  # as Ray's own generator makes them: 256 random bits
+        elif path.stat().st_uid == os.getuid() and path.stat().st_mode & 0o077:
+            path.chmod(0o600)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        log.warning("cannot make the Ray token file %s private: %s", path, e)
+
+
+_WATCHER = r"""
+import os, sys, threading, psutil
+driver = psutil.Process(int(sys.argv[1]))
+seen = {}
+def snapshot():
+    try:
+        for p in driver.children(recursive=True):
+            seen.setdefault(p.pid, p)
+    except psutil.Error:
+        pass
+def watch():
+    while True:
+        snapshot()
+        if done.wait(1.0):
+            return
+done = threading.Event()
+threading.Thread(target=watch, daemon=True).start()
+sys.stdin.buffer.read()  # end of file: the driver has ended, however it ended
+done.set()
+procs = [p for p in seen.values() if p.pid != os.getpid()]
+for p in list(procs):
+    try:
+        procs += p.children(recursive=True)
+    except psutil.Error:
+        pass
+alive = []
+for p in procs:
+    try:
+        if p.is_running():  # the same process (pid and start time), not a new one with its pid
+            p.terminate()
+            alive.append(p)
+    except psutil.Error:
+        pass
+_, alive = psutil.wait_procs(alive, timeout=3)
+for p in alive:
+    try:
+        p.kill()
+    except psutil.Error:
+        pass
+"""
+
+
+def _watch_driver() -> None:
+    """A small process that ends this Ray session's processes once the driver has ended: Ray's
+    agents and dashboard outlive a driver killed by SIGKILL. It holds the read end of a pipe whose
+    write end only this process has; the kernel closes it however the process ends."""
+    import subprocess
+    import sys
+
+    global _watcher
+    _watcher = subprocess.Popen([sys.executable, "-c", _WATCHER, str(os.getpid())], stdin=subprocess.PIPE,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+_watcher = None  # kept referenced: its pipe stays open as long as this process lives
 
 
 def _capacity() -> tuple[float, float, str]:

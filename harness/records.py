@@ -33,6 +33,10 @@ class ClientTask:
 
 OK, ERROR, LATE, NOT_KEPT = "ok", "error", "late", "not_kept"
 
+# Exceptions that are mistakes in a method's code, not a client's bad luck: they stop the experiment
+# at once (harness/experiment.py) instead of being counted as failed clients.
+CODE_ERRORS = (TypeError, AttributeError, NameError, AssertionError, ImportError, NotImplementedError)
+
 
 @dataclass
 class ClientResult:
@@ -40,6 +44,9 @@ class ClientResult:
     round: int
     status: str = OK  # ok; or why the update does not reach aggregation: error, late, not_kept
     error: str | None = None
+    error_type: str | None = None  # the exception's class, as module.QualifiedName
+    traceback: str | None = None  # formatted where it was raised (an executor process on Ray)
+    code_error: bool = False  # one of CODE_ERRORS: a bug in the method's code
     payload: Any = None  # what the client uploads, in the method's own form
     num_samples: int = 0  # local training samples (the weight of sample-weighted means)
     train_loss: float = math.nan

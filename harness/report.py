@@ -11,8 +11,9 @@ def summary_frame(summaries: list[dict]) -> pd.DataFrame:
     return pd.DataFrame({
         "experiment": df["experiment"],
         "method": df["method_label"],
-        "final acc %": (100 * df["final_acc"]).round(2),
-        "best acc %": (100 * df["best_acc"]).round(2),
+        "status": df["status"],
+        "final acc %": (100 * pd.to_numeric(df["final_acc"])).round(2),
+        "best acc %": (100 * pd.to_numeric(df["best_acc"])).round(2),
         "sim time s": df["sim_total_s"].round(1),
         "TFLOPs": (df["flops_total"] / 1e12).round(3),
         "MB up": (df["bytes_up_total"] / 1e6).round(1),

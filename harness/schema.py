@@ -23,7 +23,7 @@ def sample_size(per_round: int, overselect: float) -> int:
 class Tier(BaseModel):
     """A device tier: keep-ratio cap, compute speed and how often it is drawn."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
     name: str
     cap: float = Field(gt=0, le=1)
     compute_mflops: float = Field(gt=0)
@@ -31,7 +31,8 @@ class Tier(BaseModel):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Every float setting is finite: inf and NaN are refused wherever a number is expected.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class SplitConfig(Strict):
@@ -146,6 +147,8 @@ class EngineConfig(Strict):
     state_store: Literal["memory", "disk"] = "memory"
     include_dashboard: bool = False
     start_timeout_s: float = Field(60.0, gt=0)
+    max_failed_fraction: float = Field(0.2, ge=0, le=1, description="the experiment fails when more than this "
+                                       "fraction of a round's clients fail (any failure in round 0)")
     batch_clients: Literal["auto", True, False] = Field(
         "auto", description="train the clients of a call that share a model shape as one batched program "
                             "(harness/batched.py; same results as one by one); auto: on where the executor's "
@@ -177,7 +180,7 @@ class MethodConfig(BaseModel):
 
 class ExperimentConfig(Strict):
     name: str = "experiment"
-    seed: int = Field(1, ge=0)
+    seed: int = Field(1, ge=0, le=2**32 - 1, description="numpy's seed range")
     rounds: int = Field(20, gt=0)
     eval_every: int = Field(1, gt=0)
     checkpoint_every: int = Field(10, ge=0, description="rounds between checkpoints in sweeps; 0: none")
@@ -218,11 +221,16 @@ class ExperimentConfig(Strict):
         return check_name(v)
 
 
+MAX_NAME = 120  # a folder name, leaving room for the temporary and checkpoint names made from it
+
+
 def check_name(v: str) -> str:
     """A name that is one folder of its own under the output folder: not '.', '..', nor a name
     starting with '_' or '.' (Tune's `_tune`, running experiments' parts, hidden files)."""
     if not re.fullmatch(r"[A-Za-z0-9._-]+", v):
         raise ValueError("use letters, digits, '.', '_' and '-' only")
+    if len(v) > MAX_NAME:
+        raise ValueError(f"{len(v)} characters is too long for a folder name with its files (at most {MAX_NAME})")
     if v.startswith((".", "_")):
         raise ValueError(f"{v!r} is reserved: a name must not start with '.' or '_'")
     return v

@@ -61,7 +61,11 @@ def loads(blob: bytes, where: str = "state") -> Any:
         return torch.load(io.BytesIO(blob), weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{where}: refused, it holds more than tensors and plain data ({first})") from None
+        raise RefusedState(f"{where}: refused, it holds more than tensors and plain data ({first})") from None
+
+
+class RefusedState(ValueError):
+    """Saved state that would need arbitrary unpickling: never loaded, never silently replaced."""
 
 
 class StateStore:

@@ -75,6 +75,9 @@ class Location:
     def exists(self) -> bool:
         return self._info().type != pafs.FileType.NotFound
 
+    def is_dir(self) -> bool:
+        return self._info().type == pafs.FileType.Directory
+
     def children(self) -> list[Location]:
         """The entries of this folder (none if it does not exist)."""
         if self._info().type != pafs.FileType.Directory:
@@ -202,3 +205,206 @@ def merge_parquet(parts: list[Location], dest: Location, schema: pa.Schema) -> N
 def tune_storage(location: Location) -> tuple[str, pafs.FileSystem | None]:
     """(storage_path, storage_filesystem) for Tune's RunConfig."""
     return (location.path, None) if location.local else (location.path, location.fs)
+
+
+# -- one writer per output folder ------------------------------------------------------------------
+
+LEASE = ".fedbench-lease.json"  # a hidden name: never taken for an experiment's folder or file
+LEASE_TTL_S = 120.0  # a lease not renewed for this long is its owner's no more (an owner on another host)
+_TAKEOVER_SETTLE_S = 1.0  # on object stores: wait, then read back, so of two racing writers one wins
+
+
+_HELD: dict[str, list] = {}  # folder URI -> [its Lease, how many holders in this process]
+
+
+class FolderHeld(UserError):
+    """The output folder is another run's or sweep's right now."""
+
+
+class Lease:
+    """The right to write into `folder`: a file `<folder>/.fedbench-lease.json` naming the owner (host,
+    pid, process start time, command, when taken and last renewed). A thread renews it every
+    LEASE_TTL_S / 4 seconds. Another owner's lease is taken over only after a check that it is dead:
+    on this host, its process is gone (or is another process with the same pid); from another host,
+    it was not renewed for LEASE_TTL_S seconds. Locally the lease file is created exclusively
+    (O_EXCL); on object stores, where no exclusive create exists, it is written, then read back after a
+    second: of two racing writers, the later write wins and the earlier writer sees it and stops."""
+
+    def __init__(self, folder: Location, command: str):
+        self.folder, self.file, self.command = folder, folder / LEASE, command
+        self.token = secrets.token_hex(8)
+        self._stop = None
+        self._created_folder = False
+
+    def _record(self, taken: float) -> dict:
+        import socket
+        import time
+
+        return {"host": socket.gethostname(), "pid": os.getpid(), "started": _process_start(os.getpid()),
+                "command": self.command, "token": self.token, "taken": taken, "renewed": time.time()}
+
+    def _read(self) -> dict | None:
+        """The lease there now: None if there is none; {} if it cannot be read (a writer that died
+        while writing it, or some other file)."""
+        import json
+
+        try:
+            data = json.loads(self.file.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def acquire(self) -> Lease:
+        import json
+        import time
+
+        if self.folder.uri in _HELD:  # this process holds it already (a sweep that then reports)
+            _HELD[self.folder.uri][1] += 1
+            self._nested = True
+            return self
+        self._nested = False
+        self._created_folder = self.local_folder_missing()
+        taken = time.time()
+        for _ in range(3):
+            holder = self._read()
+            if holder is not None and not self._dead(holder):
+                raise FolderHeld(str(self.folder), f"in use by {_describe(holder)}; wait for it to end, or use "
+                                                   f"another --out")
+            if holder is not None:
+                import logging
+
+                logging.getLogger(__name__).warning("%s: taking over the lease of %s, which is no longer running",
+                                                    self.folder, _describe(holder) if holder else "a damaged lease")
+            data = json.dumps(self._record(taken)).encode()
+            if self.folder.local:
+                if holder is not None:
+                    _discard_local(Path(self.file.path), holder)
+                if _create_local(Path(self.file.path), data):
+                    break
+                continue  # someone else created it meanwhile: check that one
+            self.file.write_bytes(data)
+            time.sleep(_TAKEOVER_SETTLE_S)
+            if (self._read() or {}).get("token") == self.token:
+                break
+        else:
+            holder = self._read() or {}
+            raise FolderHeld(str(self.folder), f"in use by {_describe(holder)}; wait for it to end, or use another --out")
+        self._start_renewing(taken)
+        _HELD[self.folder.uri] = [self, 1]
+        return self
+
+    def local_folder_missing(self) -> bool:
+        return self.folder.local and not Path(self.folder.path).exists()
+
+    def _dead(self, holder: dict) -> bool:
+        import socket
+        import time
+
+        if not holder:  # unreadable: dead once it is older than the time a writer needs to write it
+            try:
+                age = time.time() - self.file.fs.get_file_info(self.file.path).mtime.timestamp()
+            except (OSError, AttributeError):
+                return True
+            return age > 10.0
+        if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
+            return _process_start(holder["pid"]) != holder.get("started")
+        return time.time() - float(holder.get("renewed", 0)) > LEASE_TTL_S
+
+    def _start_renewing(self, taken: float) -> None:
+        import json
+        import threading
+
+        stop = self._stop = threading.Event()
+
+        def renew():
+            while not stop.wait(LEASE_TTL_S / 4):
+                try:
+                    if (self._read() or {}).get("token") == self.token:
+                        self.file.write_bytes(json.dumps(self._record(taken)).encode())
+                except OSError:
+                    pass
+
+        threading.Thread(target=renew, name="fedbench-lease", daemon=True).start()
+
+    def release(self) -> None:
+        """Give the folder up (only a lease that is still ours is removed), and remove the folder
+        again if the lease made it and nothing else was written."""
+        if getattr(self, "_nested", False):
+            self._nested = False
+            _HELD[self.folder.uri][1] -= 1
+            return
+        if self._stop is None:
+            return
+        _HELD.pop(self.folder.uri, None)
+        self._stop.set()
+        self._stop = None
+        try:
+            if (self._read() or {}).get("token") == self.token:
+                self.file.delete()
+            if self._created_folder:
+                os.rmdir(self.folder.path)  # only if empty
+        except OSError:
+            pass
+
+    def __enter__(self) -> Lease:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _process_start(pid: int) -> float | None:
+    """The start time of process `pid` (None if there is none): a pid and its start time name one process."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return None
+
+
+def _describe(holder: dict) -> str:
+    import time
+
+    if not holder:
+        return "a writer whose lease file is being written or is damaged"
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(holder.get("taken", 0))))
+    return f"`{holder.get('command', '?')}` (pid {holder.get('pid', '?')} on {holder.get('host', '?')}, since {when})"
+
+
+def _create_local(path: Path, data: bytes) -> bool:
+    """Create `path` holding `data` if there is no such file; False if there is one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    _write_local(tmp, path.parent / f".{tmp.name}.tmp", data)
+    try:
+        os.link(tmp, path)  # atomic, and fails if the name exists: the lease is whole when it appears
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _discard_local(path: Path, holder: dict) -> None:
+    """Remove the dead lease at `path` if it is still the one checked (another taker may have
+    replaced it meanwhile): it is renamed aside first, and put back if it changed."""
+    import json
+
+    aside = path.parent / f".{path.name}.{secrets.token_hex(4)}.dead"
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return
+    try:
+        now = json.loads(aside.read_bytes())
+    except (OSError, ValueError):
+        now = {}
+    if now != holder and now:  # a live taker's lease: put it back
+        try:
+            os.link(aside, path)
+        except FileExistsError:
+            pass
+    aside.unlink(missing_ok=True)

@@ -22,6 +22,7 @@ at another location (a copy) is resumed only with --resume.
 from __future__ import annotations
 
 import getpass
+import hashlib
 import json
 import logging
 import math
@@ -97,28 +98,65 @@ def run_trial(config: dict[str, Any], experiments: dict[str, Any], checkpoints: 
     continued from its checkpoint under `checkpoints` when there is one."""
     from ray import tune
 
-    from harness.experiment import Experiment
-    from harness.state import dumps, loads
+    from harness.state import dumps
 
     for key, value in env.items():
         os.environ.setdefault(key, value)
     spec = experiments[config["experiment"]]  # an ExperimentSpec, resolved by the sweep's driver
     cfg = spec.config
-    experiment = Experiment(spec)
     checkpoint = storage.resolve(checkpoints) / f"{cfg.name}.pt"
-    if checkpoint.exists():
-        experiment.restore(loads(checkpoint.read_bytes(), str(checkpoint)))
-        log.warning("experiment %s continues from its checkpoint at round %d", cfg.name, experiment.next_round)
+    previous = storage.resolve(checkpoints) / f"{cfg.name}.prev.pt"
+    experiment = resume_experiment(spec, [checkpoint, previous])
     resumed_from = experiment.next_round
 
     def on_round(row, state):
-        if state is not None:
-            checkpoint.write_bytes(dumps(state(), f"checkpoint of {cfg.name}"))
+        if state is not None:  # the last two checkpoints are kept: a damaged one falls back to the other
+            blob = dumps(state(), f"checkpoint of {cfg.name}")
+            if checkpoint.exists():
+                checkpoint.fs.move(checkpoint.path, previous.path)
+            checkpoint.write_bytes(blob)
         tune.report({**_metrics(row, experiment.round_columns), "resumed_from_round": resumed_from})
 
     experiment.on_round = on_round
     experiment.run()
     checkpoint.delete()  # the summary is written: the experiment is finished
+    previous.delete()
+
+
+def resume_experiment(spec, checkpoints: list[storage.Location]):
+    """The experiment of `spec` (an ExperimentSpec or ExperimentConfig), continued from the newest of `checkpoints` that is whole and whose client parts
+    are whole; from round 0 when none is (each damaged file named in the log). A checkpoint that holds
+    more than plain data is refused, never loaded nor passed over."""
+    from harness.experiment import CLIENT_PARTS, Experiment
+    from harness.spec import ExperimentSpec, resolve
+    from harness.state import RefusedState, loads
+
+    spec = spec if isinstance(spec, ExperimentSpec) else resolve(spec)
+    cfg = spec.config
+    for checkpoint in checkpoints:
+        if not checkpoint.exists():
+            continue
+        experiment = Experiment(spec)
+        try:
+            state = loads(checkpoint.read_bytes(), str(checkpoint))
+            parts = [experiment.out_dir / CLIENT_PARTS / f"part-{k:06d}.parquet" for k in range(state["client_parts"])]
+            for part in parts:
+                try:
+                    storage.read_parquet(part)
+                except Exception as e:  # noqa: BLE001 - any kind of damage
+                    raise ValueError(f"its client rows {part} are damaged or missing ({type(e).__name__})") from None
+        except RefusedState:
+            raise
+        except Exception as e:  # noqa: BLE001 - truncated or otherwise damaged: the previous one, or round 0
+            log.warning("experiment %s: checkpoint %s is not usable (%s: %s)", cfg.name, checkpoint,
+                        type(e).__name__, str(e)[:200])
+            continue
+        experiment.restore(state)
+        log.warning("experiment %s continues from its checkpoint at round %d", cfg.name, experiment.next_round)
+        return experiment
+    if any(c.exists() for c in checkpoints):
+        log.warning("experiment %s: no usable checkpoint; it starts again from round 0", cfg.name)
+    return Experiment(spec)
 
 
 def _me() -> dict[str, str]:
@@ -129,59 +167,177 @@ def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k != "out"}
 
 
+def input_digests(cfg: dict[str, Any]) -> dict[str, str]:
+    """The SHA-256 of every file an experiment reads (an npz data set, the traces), by setting: a
+    changed file stops a rerun as a changed setting does."""
+    files = {}
+    dataset = str(cfg.get("data", {}).get("dataset", ""))
+    if dataset.startswith("npz:"):
+        files["data.dataset"] = dataset[4:]
+    for key in ("trace", "availability_trace"):
+        if cfg.get("devices", {}).get(key):
+            files[f"devices.{key}"] = cfg["devices"][key]
+    digests = {}
+    for key, path in files.items():
+        h = hashlib.sha256()
+        try:
+            with open(Path(path).expanduser(), "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        except OSError as e:
+            raise UserError(key, f"cannot read {path}: {e.strerror or e}") from None
+        digests[key] = h.hexdigest()
+    return digests
+
+
+def _read_manifest(manifest_file: storage.Location) -> dict[str, Any] | None:
+    try:
+        data = manifest_file.read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        manifest = json.loads(data)
+        if not all(k in manifest for k in ("created_by", "out", "runs", "experiments")):
+            raise ValueError("it lacks keys")
+        return manifest
+    except (ValueError, TypeError) as e:
+        raise DamagedManifest(str(manifest_file), f"is damaged ({str(e)[:120]}); add --resume to rebuild it from the "
+                                                  f"experiments' own config.yaml") from None
+
+
+class DamagedManifest(UserError):
+    pass
+
+
 def plan(home: storage.Location, out: storage.Location, name: str, trials: dict[str, dict[str, Any]],
-         resume: bool) -> tuple[list[str], dict[str, Any]]:
+         resume: bool, schema: type[ExperimentConfig] = ExperimentConfig) -> tuple[list[str], dict[str, Any]]:
     """Which experiments to run, and the manifest to write; raises UserError (nothing written) when
-    the folder is not this sweep's to resume without --resume, when a config changed, or when an
-    experiment's folder holds someone else's results."""
-    manifest_file = home / MANIFEST
-    manifest = json.loads(manifest_file.read_bytes()) if manifest_file.exists() else None
+    the folder is not this sweep's to resume without --resume, when a config or an input file changed,
+    or when an experiment's folder holds someone else's results. Configs are compared key by key under
+    today's `schema`: an option added to fedbench since (at its default) changes nothing."""
+    from harness.experiment import config_changes
+
+    rebuilt = False
+    try:
+        manifest = _read_manifest(home / MANIFEST)
+    except DamagedManifest as e:
+        if not resume:
+            raise
+        log.warning("%s; rebuilding it from the experiments' config.yaml", e)
+        manifest, rebuilt, resume = None, True, False
+    digests = {n: input_digests(c) for n, c in trials.items()}
     if manifest is None:
         if resume:
             raise UserError("--resume", f"nothing to resume: {home} holds no sweep {name}")
-        manifest = {"sweep": name, "out": str(out), "created_by": _me(), "runs": 0, "experiments": {}}
+        manifest = {"sweep": name, "out": str(out), "created_by": _me(), "runs": 0, "experiments": {}, "inputs": {}}
     else:
         made = manifest["created_by"]
         if not resume and (made != _me() or manifest["out"] != str(out)):
             raise UserError("--resume", f"{home} was made by {made['user']} on {made['host']} at {manifest['out']}; "
                                         f"resuming loads its saved state (checkpoints): add --resume if you trust it")
-        changed = [n for n, c in trials.items() if n in manifest["experiments"]
-                   and _comparable(manifest["experiments"][n]) != _comparable(c)]
+        changed = {n: config_changes(manifest["experiments"][n], _comparable(c), schema) for n, c in trials.items()
+                   if n in manifest["experiments"]}
+        changed = {n: why for n, why in changed.items() if why}
         if changed:
+            first = next(iter(changed))
             raise UserError(f"sweep {name}", f"the config of {', '.join(changed)} changed since {out} was made "
-                                             f"(rerun the sweep file that made it, or use another --out or --name)")
+                                             f"({first}: {changed[first]}; rerun the sweep file that made it, or "
+                                             f"use another --out or --name)")
+        stored = manifest.get("inputs", {})
+        moved = [(n, k) for n in trials if n in stored for k in digests[n] if stored[n].get(k) != digests[n][k]]
+        if moved:
+            n, k = moved[0]
+            raise UserError(k, f"the contents of this file changed since experiment {n} of {out} was made (its "
+                               f"SHA-256 differs); restore the file, or use another --out or --name")
     for n in trials:
+        if rebuilt and (out / n / "config.yaml").exists() and _finished(out / n, trials[n], schema) != "foreign":
+            manifest["experiments"][n] = _comparable(trials[n])  # the sweep's own, by its config.yaml
         if n not in manifest["experiments"] and (out / n).exists():
             raise UserError(str(out / n), "holds results that this sweep did not make (another sweep or `fedbench "
                                           "run` wrote them); use another --out")
-    finished = [n for n in trials if n in manifest["experiments"] and _completed(out / n)]
+    finished, foreign = [], []
+    for n in trials:
+        if n in manifest["experiments"]:
+            state = _finished(out / n, trials[n], schema)
+            if state == "foreign":
+                foreign.append(n)
+            elif state:
+                finished.append(n)
+    if foreign:
+        raise UserError(str(out / foreign[0]), "holds results of another config than this sweep's (a `fedbench run "
+                                               "--overwrite` replaced them?); move them aside or use another --out")
     for n in finished:
         (home / "checkpoints" / f"{n}.pt").delete()
+        (home / "checkpoints" / f"{n}.prev.pt").delete()
     manifest = dict(manifest, out=str(out), runs=manifest["runs"] + 1,
-                    experiments={**manifest["experiments"], **{n: _comparable(c) for n, c in trials.items()}})
+                    experiments={**manifest["experiments"], **{n: _comparable(c) for n, c in trials.items()}},
+                    inputs={**manifest.get("inputs", {}), **digests})
     return [n for n in trials if n not in finished], manifest
+
+
+def _finished(folder: storage.Location, trial: dict[str, Any], schema=ExperimentConfig) -> bool | str:
+    """Whether the experiment in `folder` has ended (completed, degraded or failed): "foreign" when its
+    config.yaml is not the trial's (another command wrote there). A damaged summary is not an end: the
+    experiment runs again (from its checkpoint, or from round 0), saying so."""
+    from harness.config import portable
+
+    summary = folder / "summary.parquet"
+    if not summary.exists():
+        return False
+    try:
+        import yaml
+
+        written = yaml.safe_load((folder / "config.yaml").read_bytes())
+        ended = storage.read_parquet(summary)["status"].isin(ENDED).all()
+    except Exception as e:  # noqa: BLE001 - a damaged file of any kind
+        log.warning("%s is damaged (%s: %s); the experiment runs again", folder, type(e).__name__, str(e)[:120])
+        return False
+    from harness.experiment import config_changes
+
+    if not isinstance(written, dict) or config_changes(written, portable(schema.model_validate(trial)), schema):
+        return "foreign"
+    return bool(ended)
+
+
+ENDED = ("completed", "degraded", "failed")
 
 
 def _completed(folder: storage.Location) -> bool:
     summary = folder / "summary.parquet"
-    return summary.exists() and (storage.read_parquet(summary)["status"] == "completed").all()
+    try:
+        return summary.exists() and storage.read_parquet(summary)["status"].isin(ENDED).all()
+    except Exception:  # noqa: BLE001 - damaged: not finished
+        return False
+
+
+def _failed(folder: storage.Location) -> str | None:
+    try:
+        row = storage.read_parquet(folder / "summary.parquet").iloc[0]
+    except Exception:  # noqa: BLE001
+        return None
+    return (row.get("status_note") or "failed") if row["status"] == "failed" else None
 
 
 def run_sweep(experiments: list[ExperimentConfig], sweep: SweepFile, out: str | Path | storage.Location, name: str,
               resume: bool = False, progress: bool = True) -> storage.Location:
     """Run the sweep's unfinished and new experiments; returns the results location."""
+    out = storage.resolve(out)
+    with storage.Lease(out, " ".join(["fedbench", *sys.argv[1:]])[:200] if sys.argv[1:] else f"sweep {name}"):
+        return _run_sweep(experiments, sweep, out, name, resume, progress)
+
+
+def _run_sweep(experiments, sweep, out, name, resume, progress) -> storage.Location:
     from ray import tune
 
     from harness.ray_engine import connect
 
-    out = storage.resolve(out)
     home = out / "_tune" / name
     t = sweep.tune
     trials, configs = {}, {}
     for cfg in experiments:
         configs[cfg.name] = trial_engine(cfg, sweep).model_copy(update=dict(out=str(out)))
         trials[cfg.name] = configs[cfg.name].model_dump(mode="json")
-    todo, manifest = plan(home, out, name, trials, resume)
+    todo, manifest = plan(home, out, name, trials, resume, type(experiments[0]) if experiments else ExperimentConfig)
     if not todo:
         print(f"sweep {name}: all {len(trials)} experiments are finished in {out}", file=sys.stderr)
         return out
@@ -224,6 +380,11 @@ def run_sweep(experiments: list[ExperimentConfig], sweep: SweepFile, out: str | 
     if unfinished:
         raise SweepInterrupted(f"interrupted with {len(unfinished)} of {len(trials)} experiments unfinished; "
                                f"run the same command again to continue")
+    ended_failed = {n: why for n in trials if (why := _failed(out / n))}
+    if ended_failed:
+        first = next(iter(ended_failed))
+        raise SweepFailed(f"{len(ended_failed)} of {len(trials)} experiments failed ({first}: {ended_failed[first]}); "
+                          f"the leaderboard leaves them out")
     return out
 
 

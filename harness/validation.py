@@ -7,6 +7,7 @@ from harness.availability import Availability
 from harness.config import ExperimentConfig
 from harness.cost import DeviceAssigner
 from harness.data import load_dataset
+from harness.errors import ConfigError
 from harness.models import build_model
 from harness.registry import method_class
 from harness.spec import ExperimentSpec, resolve
@@ -25,6 +26,10 @@ def validate(cfg: ExperimentConfig) -> ExperimentSpec:
     with torch.device("meta"):
         model = build_model(spec.model, dataset.num_classes, dataset.image_shape, norm=cfg.model.norm)
     method_class(cfg.method.name).check(spec.params, model, cfg)
-    DeviceAssigner(cfg.devices, cfg.clients.total, cfg.seed)
+    devices = DeviceAssigner(cfg.devices, cfg.clients.total, cfg.seed)
+    late = sorted(r for _, r in (devices.trace or {}) if r is not None and r >= cfg.rounds)
+    if late:
+        raise ConfigError("devices.trace", f"{cfg.devices.trace}: a row names round {late[0]}, but the experiment "
+                                           f"has rounds 0..{cfg.rounds - 1}")
     Availability(cfg.devices, cfg.clients.total, cfg.seed)
     return spec

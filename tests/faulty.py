@@ -103,3 +103,21 @@ class SlowFedAvg(FedAvg):
 
         time.sleep(self.params.round_s)
         return super().aggregate(rnd, kept, dropped)
+
+
+class BuggyParams(MethodParams):
+    bug_round: int = 1
+
+
+class BuggyClient(FedAvgClient):
+    def local_job(self, global_state, task):
+        if task.round >= self.params.bug_round:
+            return len(task.client_id, "a bug on purpose")  # TypeError: len() takes exactly one argument
+        return super().local_job(global_state, task)
+
+
+class BuggyFedAvg(FedAvg):
+    """FedAvg whose client code has a bug that shows from `bug_round` on (a TypeError)."""
+
+    Client = BuggyClient
+    Params = BuggyParams

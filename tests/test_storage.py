@@ -68,7 +68,7 @@ def test_a_failed_overwrite_leaves_no_finished_experiment_behind(tmp_path, capsy
     assert main(["run", cfg, "--out", str(out), "--quiet", "--overwrite", *crash]) == 1
     assert (tmp_path / "crashed").exists()
     assert not (out / "tiny_seed1" / "summary.parquet").exists()  # the old summary went before the new rows came
-    with pytest.raises(Exception, match="no finished experiment"):
+    with pytest.raises(Exception, match="no completed experiment"):
         leaderboard.build(out)
 
 

@@ -126,7 +126,7 @@ def test_leaderboard_and_plot_commands(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["leaderboard", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "no finished experiment here" in err
+    assert err.count("\n") == 1 and "no completed experiment here" in err
     assert main(["leaderboard", str(tmp_path / "res"), "--target-acc", "75"]) == 2
     assert "--target-acc: must be a fraction" in capsys.readouterr().err
 
