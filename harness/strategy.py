@@ -39,7 +39,7 @@ from harness.training import LocalJob
 class MethodParams(BaseModel):
     """Parameters every method has; a method's own Params subclass this."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # every float parameter finite
     clip_grad_norm: float | None = Field(None, description="gradient-norm clipping in local training")
 
     @field_validator("clip_grad_norm")

@@ -588,3 +588,14 @@ def test_a_local_ray_listens_on_loopback_keeps_its_token_private_and_dies_with_i
     for p in left:  # clean up after a failure: only the processes this test's driver started
         os.kill(p["pid"], signal.SIGKILL)
     assert not left, [p["name"] for p in left]
+
+
+def test_method_parameters_are_finite(config):
+    """A method's own float parameters are refused when infinite or NaN, naming the field."""
+    from harness.errors import ConfigError
+    from harness.spec import resolve
+
+    for overrides, field in (({"method.name": "fedprox", "method.mu": float("inf")}, "method.mu"),
+                             ({"method.name": "fedlps", "method.lam": float("nan")}, "method.lam")):
+        with pytest.raises(ConfigError, match=field):
+            resolve(config(**overrides))
