@@ -2,14 +2,45 @@
 
 Every sampled client trains the dense global model (device caps are ignored, as in the FedLPS
 authors' code); the server takes the sample-weighted mean of the client models.
+
+Variants (`variant`):
+- `official` (the default): the above.
+- `reference`: the FedLPS authors' FedAvg (sunnyxuejj/FedLPS at 35fafba2171fac0b0de374ffcd2a85eb40bc975e,
+  FedAvg.py, whose aggregation is agg/avg.py `average_weights`): the same mean plus Gaussian noise of
+  std `--dp` = 0.001 on every coordinate of the aggregate (`with_authors_noise`), which their FedLPS
+  adds too (agg/avg.py `avg`). The code draws it from torch's global generator; here from
+  (seed, method, round).
 """
 from __future__ import annotations
 
+from typing import Literal
+
+import torch
+from pydantic import Field
+
 from harness.cost import training_flops
 from harness.records import ClientResult, ClientTask
-from harness.strategy import Client, Strategy
+from harness.seeding import rng
+from harness.strategy import Client, MethodParams, Strategy
 from harness.submodel import Contribution, aggregate, state_bytes
 from harness.training import LocalJob
+
+AUTHORS_NOISE = 0.001  # utils/options.py: --dp 0.001
+
+
+def with_authors_noise(state: dict[str, torch.Tensor], seed: int, method: str, rnd: int,
+                       std: float = AUTHORS_NOISE) -> dict[str, torch.Tensor]:
+    """agg/avg.py (`avg`, `average_weights`): std x N(0, 1) added to every coordinate of every
+    floating-point tensor of the aggregate (BN statistics included), drawn from (seed, method, round)."""
+    gen = rng(seed, f"{method}-authors-noise", rnd)
+    return {k: v + std * torch.from_numpy(gen.standard_normal(tuple(v.shape))).to(v.dtype) if v.is_floating_point()
+            else v for k, v in state.items()}
+
+
+class FedAvgParams(MethodParams):
+    variant: Literal["official", "reference"] = "official"
+    reference_noise: float = Field(AUTHORS_NOISE, ge=0, allow_inf_nan=False,
+                                   description="reference variant: std of the Gaussian noise added to the aggregate")
 
 
 class FedAvgClient(Client):
@@ -27,6 +58,7 @@ class FedAvgClient(Client):
 
 class FedAvg(Strategy):
     Client = FedAvgClient
+    Params = FedAvgParams
     title = "FedAvg"
 
     def setup(self, store):
@@ -40,6 +72,13 @@ class FedAvg(Strategy):
         """Dropped clients' updates are lost; they change nothing."""
         contributions = [Contribution(r.payload, weight=r.num_samples) for r in kept]
         self.global_state = aggregate(self.global_state, self.bench.layout, contributions)
+        p = self.params
+        # (FedProx, a subclass, has no variant)
+        if getattr(p, "variant", "official") == "reference" and kept and p.reference_noise > 0:
+            # Reference quirk (agg/avg.py `average_weights`): noise on the aggregate. A round whose
+            # clients all dropped changes nothing, as the code has no such round.
+            self.global_state = with_authors_noise(self.global_state, self.bench.cfg.seed, "fedavg", rnd,
+                                                   p.reference_noise)
         return {}
 
     def evaluate(self, rnd):

@@ -16,12 +16,18 @@ k_g = max(1, floor(rho * N_g)) units with the largest sigmoid(s_g); ties go to t
 
 `||W_gu||_1` is harness.submodel.unit_l1_norms: the unit's incoming conv/linear weights, summed over
 the layers of a coupled group.
+
+The `reference` variant's masks (the authors' Models.WeightLayer) differ: `reference_score_masks`
+keeps the units strictly above the k-th largest sigmoid(score) (k - 1 of them), and
+`weight_row_masks` masks only the masked units' incoming weights.
 """
 from __future__ import annotations
 
 import math
 
 import torch
+
+from harness.models import Dim
 
 MASK_STRATEGIES = ("learnable", "random", "magnitude", "ordered")
 
@@ -46,6 +52,37 @@ def topk_mask(values: torch.Tensor, k: int) -> torch.Tensor:
 def score_masks(scores: dict[str, torch.Tensor], widths: dict[str, int]) -> dict[str, torch.Tensor]:
     """Hard masks: per group the top widths[g] units by sigmoid(score)."""
     return {g: topk_mask(torch.sigmoid(s.detach()), widths[g]) for g, s in scores.items()}
+
+
+def threshold_mask(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Reference quirk (Models.WeightLayer.forward): the threshold is the smallest of the top k values
+    and `nn.Threshold` keeps only the values strictly above it, so k - 1 units stay (fewer on ties
+    at the threshold), none at k = 1."""
+    threshold = torch.topk(values.detach(), k).values.min()
+    return (values.detach() > threshold).float()
+
+
+def reference_score_masks(scores: dict[str, torch.Tensor], rho: float) -> dict[str, torch.Tensor]:
+    """The authors' masks: k = max(int(rho * N), 1) (a plain truncation), then `threshold_mask` on
+    sigmoid(score)."""
+    return {g: threshold_mask(torch.sigmoid(s.detach()), max(int(rho * len(s)), 1)) for g, s in scores.items()}
+
+
+def weight_row_masks(layout: dict[str, tuple[Dim, ...]], shapes: dict[str, torch.Size],
+                     unit_masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """0/1 masks over the incoming weights of the masked units only (the rows of every conv/linear
+    weight whose output group is masked). Reference quirk (Models.WeightLayer.forward,
+    Hetero_Client.update_weights_leanable): the authors mask `param.data` of the weights alone, so a
+    masked unit's bias, its norm and the next layer's weights that read it are neither frozen nor
+    left out of the upload."""
+    masks = {}
+    for name, shape in shapes.items():
+        dims = layout.get(name, ())
+        if len(dims) < 2 or len(shape) < 2 or dims[0].group not in unit_masks:
+            continue
+        rows = unit_masks[dims[0].group].float().view(-1, *([1] * (len(shape) - 1)))
+        masks[name] = rows.expand(shape).contiguous()
+    return masks
 
 
 def straight_through(hard: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:

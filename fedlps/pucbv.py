@@ -32,13 +32,18 @@ Differences from the authors' code (sunnyxuejj/FedLPS at 35fafba, Hetero_Client.
 METHODS.md: rewards are credited to the arm that holds the ratio used (the code credits arm 0 when the
 ratio lies in the last arm and the last arm when the cap pushes it below every arm); the pull count
 grows when a reward is credited, so n_j always equals the number of rewards (the code increments the
-count of the upper half at decision time, even when no reward follows); the code's arm deletion on an
-accuracy drop of more than 5 is not reproduced (with accuracies in [0, 1] it never fires there either);
-the time in the reward is the harness's simulated compute + upload time, not the code's per-dataset
-constants; randomness comes from the bandit's own `random.Random`, not the global one.
+count of the upper half at decision time, even when no reward follows); the index of an arm is
+computed from its own rewards and count (after the first split the code pairs an arm's count with
+another arm's rewards: `ReferencePUCBV.indices`); the code's
+arm deletion on an accuracy drop of more than 5 is not reproduced (with accuracies in [0, 1] it never
+fires there either); the time in the reward is the harness's simulated compute + upload time, not the
+code's per-dataset constants; randomness comes from the bandit's own `random.Random`, not the global
+one. `ReferencePUCBV` (FedLPS's `reference` variant) is the code's bandit with its crediting, pull
+counts and indexing (the time in its reward is the caller's: FedLPS's reference variant passes the
+code's constants); it too never deletes arms and draws from its own generator.
 
 Pure Python, no torch: the whole state (arms, counts, rewards, decisions, best accuracy and the random
-generator's state) round-trips through `to_dict` / `from_dict` as plain data.
+generator's state) round-trips through `to_dict` / `from_dict` as plain data, for both classes.
 """
 from __future__ import annotations
 
@@ -51,6 +56,25 @@ from typing import Any
 def utility(acc: float) -> float:
     """U(x) = 10 - 20 / (1 + exp(0.35 x)), x a fraction in [0, 1]."""
     return 10.0 - 20.0 / (1.0 + math.exp(0.35 * acc))
+
+
+def exploration_log(horizon: float, num_arms: int, decisions: int) -> float:
+    """max(ln(psi * T * eps_m), 0), psi = T / K^2, eps_m = 2^-m."""
+    psi = horizon / num_arms ** 2
+    # ln(psi T 2^-m) = ln(psi T) - m ln 2: 2^-m itself underflows to 0 after ~1075 decisions
+    return max(math.log(psi * horizon) - decisions * math.log(2.0), 0.0)
+
+
+def _rng_state(rng: random.Random) -> list:
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
+
+
+def _rng_of(state: list) -> random.Random:
+    rng = random.Random()
+    version, internal, gauss = state
+    rng.setstate((version, tuple(internal), gauss))
+    return rng
 
 
 @dataclass
@@ -99,10 +123,7 @@ class PUCBV:
     # -- deciding ----------------------------------------------------------------------------------
     def exploration_log(self) -> float:
         """max(ln(psi * T * eps_m), 0) for the next decision."""
-        k = len(self.arms)
-        psi = self.horizon / k ** 2
-        # ln(psi T 2^-m) = ln(psi T) - m ln 2: 2^-m itself underflows to 0 after ~1075 decisions
-        return max(math.log(psi * self.horizon) - self.decisions * math.log(2.0), 0.0)
+        return exploration_log(self.horizon, len(self.arms), self.decisions)
 
     def indices(self) -> list[float]:
         bonus = self.exploration_log()
@@ -154,20 +175,113 @@ class PUCBV:
 
     # -- plain-data state --------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        version, internal, gauss = self.rng.getstate()
         return {
             "horizon": self.horizon,
             "arms": [{"low": a.low, "high": a.high, "rewards": list(a.rewards), "n": a.n} for a in self.arms],
             "decisions": self.decisions,
             "best_acc": self.best_acc,
-            "rng": [version, list(internal), gauss],
+            "rng": _rng_state(self.rng),
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PUCBV:
-        rng = random.Random()
-        version, internal, gauss = d["rng"]
-        rng.setstate((version, tuple(internal), gauss))
         arms = [Arm(a["low"], a["high"], list(a["rewards"]), int(a["n"])) for a in d["arms"]]
         return cls(horizon=float(d["horizon"]), arms=arms, decisions=int(d["decisions"]),
-                   best_acc=float(d["best_acc"]), rng=rng)
+                   best_acc=float(d["best_acc"]), rng=_rng_of(d["rng"]))
+
+
+@dataclass
+class ReferencePUCBV:
+    """The authors' P-UCBV, bookkeeping included: `Hetero_Client.P_UCBV` decides, the round loop of
+    `FedLPS.py` credits (sunnyxuejj/FedLPS at 35fafba). Same interface as PUCBV.
+
+    `arms` ([low, high], `mab_arms`) and `pulls` (`pull_times`) are in interval order; `rewards` is
+    the code's dict `arms_reward` as [key, rewards] pairs in insertion order, the key an arm's lower
+    end: the initial arms in order, then the upper half of every split in the order of the splits."""
+
+    horizon: float
+    arms: list[list[float]]
+    rewards: list[list[Any]]
+    pulls: list[float]
+    decisions: int = 0  # the code's m
+    best_acc: float = 0.0  # max(acc_record), whose first entry is 0
+    rng: random.Random = field(default_factory=random.Random)
+
+    @classmethod
+    def new(cls, seed: int, horizon: float, num_arms: int = 5, low: float = 0.5, high: float = 1.0) -> ReferencePUCBV:
+        if num_arms < 1 or not 0 < low < high or horizon <= 0:
+            raise ValueError(f"need num_arms >= 1, 0 < low < high and horizon > 0, got {num_arms}, {low}, {high}, "
+                             f"{horizon}")
+        step = (high - low) / num_arms  # np.linspace(0.5, 1, 6)'s edges
+        edges = [low + i * step for i in range(num_arms)] + [high]
+        arms = [[edges[i], edges[i + 1]] for i in range(num_arms)]
+        return cls(horizon=float(horizon), arms=arms, rewards=[[a[0], [0.0]] for a in arms],
+                   pulls=[1.0] * num_arms, rng=random.Random(seed))
+
+    def _rewards_of(self, key: float) -> list[float]:
+        return next(r for k, r in self.rewards if k == key)
+
+    def indices(self) -> list[float]:
+        """Reference quirk (P_UCBV): score j takes the mean and variance of the j-th reward list in
+        the dict's insertion order but the pull count of the j-th arm in interval order, and its
+        argmax indexes the arms in interval order. After the first split the two orders differ: an
+        arm is chosen by another arm's rewards."""
+        bonus = exploration_log(self.horizon, len(self.arms), self.decisions)
+        out = []
+        for j, (_, record) in enumerate(self.rewards):
+            mean = sum(record) / len(record)
+            var = sum((r - mean) ** 2 for r in record) / len(record)
+            out.append(mean + math.sqrt(0.5 * (var + 2.0) * bonus / (4.0 * self.pulls[j])))
+        return out
+
+    def decide(self) -> Decision:
+        explored = self.rng.random() < 1.0 / max(self.decisions, 1)  # ep: 1, 1, 1/2, 1/3, ...
+        if explored:
+            j = self.rng.randrange(len(self.arms))
+        else:
+            idx = self.indices()
+            j = max(range(len(idx)), key=lambda i: (idx[i], -i))  # np.argmax: the first maximum
+        low, high = self.arms[j]
+        a = self.rng.uniform(low, high)
+        self.arms[j:j + 1] = [[low, a], [a, high]]
+        self.rewards.append([a, list(self._rewards_of(low))])
+        # Reference quirk: both halves inherit the pull count and the upper half, whose lower end is
+        # the ratio drawn, gets one more pull now, whether or not a reward is credited to it later.
+        self.pulls[j:j + 1] = [self.pulls[j], self.pulls[j] + 1]
+        self.decisions += 1
+        return Decision(ratio=a, arm=j, low=low, high=high, explored=explored)
+
+    def arm_of(self, ratio: float) -> int:
+        """Reference quirk (FedLPS.py, after training): the arm before the first arm whose lower end
+        exceeds `ratio`; when none does (the ratio lies in the last arm) arm 0, and when the first
+        does (the tier cap pushed the ratio below every arm) index -1, the last arm."""
+        for i, (low, _) in enumerate(self.arms):
+            if low > ratio:
+                return (i - 1) % len(self.arms)
+        return 0
+
+    def credit(self, ratio: float, reward: float) -> int:
+        """Append `reward` to the rewards of `arm_of(ratio)` (its pull count does not change)."""
+        j = self.arm_of(ratio)
+        self._rewards_of(self.arms[j][0]).append(float(reward))
+        return j
+
+    def reward(self, acc: float, seconds: float) -> float:
+        return (utility(acc) - utility(self.best_acc)) / max(seconds, 1e-12)
+
+    def observe(self, ratio: float, acc: float, seconds: float) -> tuple[float, int]:
+        r = self.reward(acc, seconds)
+        j = self.credit(ratio, r)
+        self.best_acc = max(self.best_acc, float(acc))
+        return r, j
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"reference": True, "horizon": self.horizon, "arms": [list(a) for a in self.arms],
+                "rewards": [[k, list(r)] for k, r in self.rewards], "pulls": list(self.pulls),
+                "decisions": self.decisions, "best_acc": self.best_acc, "rng": _rng_state(self.rng)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ReferencePUCBV:
+        return cls(horizon=float(d["horizon"]), arms=[list(a) for a in d["arms"]],
+                   rewards=[[k, list(r)] for k, r in d["rewards"]], pulls=list(d["pulls"]),
+                   decisions=int(d["decisions"]), best_acc=float(d["best_acc"]), rng=_rng_of(d["rng"]))

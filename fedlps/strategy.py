@@ -26,10 +26,31 @@ trained, with the current global model.
 Variants (`variant`):
 - `paper`: scores are the client's personal state (never uploaded), initialised at its first
   participation to sigmoid(||W_u||_1) plus N(0, score_init_noise^2), trained by the task loss through
-  a straight-through estimator and by the per-unit regulariser.
-- `reference`: the authors' code (sunnyxuejj/FedLPS at 35fafba): scores re-drawn every round, no task gradient,
-  regulariser against the layer-mean target, noise on the aggregate, personalised models only from
-  trainings above 1/4. Each quirk is implemented and documented below where it happens.
+  a straight-through estimator and by the per-unit regulariser, by plain SGD (no weight decay). The
+  bandit's reward divides by the simulated compute + upload time. Masked units are cut out whole
+  (see below).
+- `reference`: the authors' code (sunnyxuejj/FedLPS at 35fafba), every quirk implemented and
+  documented where it happens, naming their file and function:
+  - scores re-drawn every round (sorted N(0, 1): the round starts from the prefix mask), no task
+    gradient, only the kept units' scores get the regulariser's gradient, which pulls them to the
+    layer-MEAN target computed from the masked weights (Models.WeightLayer, Hetero_Client.loss);
+  - the scores share the weights' SGD optimizer, weight decay included (`_reference_hooks`);
+  - the mask keeps the units strictly above the k-th largest sigmoid(score), k = max(int(rho N), 1):
+    k - 1 units, none at k = 1 (fedlps/masks.py `reference_score_masks`), so at a keep ratio of 1/16
+    the CNN keeps no unit of conv1 and conv2;
+  - only the masked units' incoming weight rows are zeroed and frozen: their bias (and BN) and the
+    next layer's weights that read them keep training and are uploaded, and a masked unit outputs its
+    bias, in training and in the personalised model (`_reference_hooks`, masks.py `weight_row_masks`);
+  - P-UCBV as the code runs it (fedlps/pucbv.py `ReferencePUCBV`: scores in the reward dict's
+    insertion order applied to the arms in interval order, pull counts raised at decision time,
+    rewards credited to the code's arm), its reward divided by the code's MNIST (or CIFAR) cost
+    constants instead of the simulated clock (fedlps/reference_cost.py; the client column `reward_s`);
+  - Gaussian noise of std 0.001 on every aggregated tensor (agg/avg.py `avg`);
+  - personalised models only from trainings above a keep ratio of 1/4 (FedLPS.py).
+  Checked against the authors' code run unchanged (a scratch harness, not in this repository): the
+  bandit's decisions, arms, pull counts and rewards over 200 clients x 12 rounds, the masks of 300
+  random layers and the FLOP and upload counts are identical, and a client's update over three
+  full-batch steps agrees to 5e-8.
 
 Mask strategies (`mask`, the paper's ablation): `learnable` (the above) or masks fixed for the round:
 `random`, `magnitude` (largest unit L1 norm of the global weights), `ordered` (prefix). They have no
@@ -38,7 +59,8 @@ scores and no regulariser; everything else (bandit, aggregation, personalised ev
 Cost model: FLOPs = 3 x forward FLOPs of the model at the kept widths x samples processed. Bytes down
 = the dense global model. Bytes up = the kept coordinates of every tensor a maskable group touches
 (4 bytes each), every other tensor in full, plus one bit per unit for the mask (so the BN running
-statistics of masked units, which local training does update, stay global). The wall time does
+statistics of masked units, which local training does update, stay global); with the reference
+variant's learnable masks, the kept rows of the masked weights and every other tensor in full. The wall time does
 NOT reflect the sparsity: the mask may change before every minibatch, so no physically smaller model
 can be built; training runs the dense model with zeroed units.
 
@@ -48,16 +70,21 @@ FedProx off (`--fedprox` False) and sets momentum 0, so both variants train with
 without momentum, as the harness's training config says; at the repository's first commit (dbbbcf7)
 FedProx was on (lamda 0.001) and momentum 0.5.
 
-Other deliberate differences from the authors' code, following METHODS.md: masked units are zeroed
-after their norm (their bias and BN shift too; the code only zeroes the weights, so a masked unit still
-outputs its bias); the mask keeps exactly k units (the code's strict threshold keeps k - 1, and none at
-k = 1, so at a keep ratio of 1/16 its CNN keeps no unit of conv1 and conv2); for the mask-strategy
-ablation the clients are evaluated with their personalised models (the ablation code evaluates the
-global model). `acc_global` is None: the paper reports personalised accuracy, and METHODS.md reports
-the whole-test-set accuracy for global methods only.
+How the `paper` variant differs from the authors' code, following METHODS.md: masked units are
+zeroed after their norm (their bias and BN shift too; the code only zeroes the weights, so a masked
+unit still outputs its bias), and every coordinate a masked unit touches (its bias, its BN, the next
+layer's weights that read it) keeps its value and is left out of the upload; the mask keeps exactly
+k units; the scores persist and learn (above); P-UCBV credits the arm that holds the ratio used and
+divides by the simulated time (fedlps/pucbv.py); no aggregation noise. In both variants, for the
+mask-strategy ablation the clients are evaluated with their personalised models (the ablation code
+evaluates the global model), and the fixed masks (random, magnitude, ordered) are applied as in the
+paper variant. `acc_global` is None: the paper reports personalised accuracy, and METHODS.md reports
+the whole-test-set accuracy for global methods only. The simulated clock counts the same FLOPs in
+both variants: those of the model at the nominal kept widths k.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal
 
@@ -66,13 +93,15 @@ import pyarrow as pa
 import torch
 from pydantic import Field, model_validator
 
-from fedlps.masks import (fixed_masks, init_scores_paper, init_scores_reference, keep_widths, score_masks,
-                          score_regularizer, straight_through)
-from fedlps.pucbv import PUCBV
+from baselines.fedavg import with_authors_noise
+from fedlps.masks import (fixed_masks, init_scores_paper, init_scores_reference, keep_widths, reference_score_masks,
+                          score_masks, score_regularizer, straight_through, weight_row_masks)
+from fedlps.pucbv import PUCBV, ReferencePUCBV
+from fedlps.reference_cost import CIFAR, MNIST, ReferenceRewardCost
 from harness.cost import training_flops
 from harness.columns import TEST_SET_SUFFIX, TEST_SETS
 from harness.records import ClientResult, ClientTask, Evaluation
-from harness.seeding import rng, seed_of
+from harness.seeding import seed_of
 from harness.strategy import Client, MethodParams, Strategy
 from harness.submodel import coordinate_masks, state_bytes, unit_l1_norms
 from harness.training import Hooks, LocalJob
@@ -120,6 +149,12 @@ class FedLPSClient(Client):
             return {g: s.clone() for g, s in task.state.items()}
         return init_scores_paper(unit_l1_norms(global_state, bench.layout), p.score_init_noise, generator)
 
+    @functools.cached_property
+    def reward_cost(self) -> ReferenceRewardCost:
+        bench = self.bench
+        return ReferenceRewardCost(bench.build(device="meta"), bench.image_shape, bench.full_widths,
+                                   bench.cfg.train.batch_size, MNIST if bench.model_name == "cnn" else CIFAR)
+
     # Masks fixed for the round (random, magnitude, ordered) batch: they are plain unit and update
     # masks. Learnable masks change before every minibatch through hooks: those clients train alone.
     def local_job(self, global_state, task: ClientTask) -> LocalJob:
@@ -127,8 +162,6 @@ class FedLPSClient(Client):
         rho = float(task.instruction["keep_ratio"])
         generator = bench.generator(task.round, task.client_id)
         widths = keep_widths(bench.full_widths, rho)
-        param_shapes = bench.param_shapes
-        lr = bench.lr(task.round)
         learnable = p.mask == "learnable"
         paper = p.variant == "paper"
         current: dict[str, dict[str, torch.Tensor]] = {}  # the hard masks and coordinate masks in use
@@ -137,59 +170,107 @@ class FedLPSClient(Client):
             norms = unit_l1_norms(global_state, bench.layout) if p.mask == "magnitude" else None
             hard = {g: m.to(bench.device) for g, m in
                     fixed_masks(p.mask, widths, bench.full_widths, generator, norms).items()}
-            current.update(hard=hard, coords=coordinate_masks(bench.layout, param_shapes, hard))
+            current.update(hard=hard, coords=coordinate_masks(bench.layout, bench.param_shapes, hard))
             return bench.job(task, global_state, generator=generator, clip_grad_norm=p.clip_grad_norm,
                              unit_masks=hard, update_masks=current["coords"], context=context)
 
         scores = {g: s.to(bench.device).requires_grad_(True)
                   for g, s in self._initial_scores(task, global_state, generator).items()}
         context["scores"] = scores
+        lr = p.score_lr if p.score_lr is not None else bench.lr(task.round)
+        hooks = self._paper_hooks(scores, widths, current, lr) if paper else \
+            self._reference_hooks(scores, rho, current, lr)
+        return bench.job(task, global_state, generator=generator, clip_grad_norm=p.clip_grad_norm, hooks=hooks,
+                         context=context)
+
+    def _paper_hooks(self, scores, widths, current, score_lr):
+        """Before every minibatch the top-k mask of the scores, applied to the units' outputs
+        through the straight-through estimator; every coordinate a masked unit touches is frozen."""
+        bench, p = self.bench, self.params
 
         def hooks(model) -> Hooks:
             def before_batch():
                 hard = {g: m.to(bench.device) for g, m in score_masks(scores, widths).items()}
-                current.update(hard=hard, coords=coordinate_masks(bench.layout, param_shapes, hard))
-                model.unit_masks = {g: straight_through(hard[g], scores[g]) for g in hard} if paper else hard
+                current.update(hard=hard, coords=coordinate_masks(bench.layout, bench.param_shapes, hard))
+                model.unit_masks = {g: straight_through(hard[g], scores[g]) for g in hard}
 
             def regularizer():
                 with torch.no_grad():
                     norms = unit_l1_norms(dict(model.named_parameters()), bench.layout)
-                    if not paper:
-                        # Reference quirk: the code computes the target from the weights after
-                        # masking, so a masked unit's target is sigmoid(0) = 0.5.
-                        norms = {g: v * current["hard"][g] for g, v in norms.items()}
-                return score_regularizer(scores, norms, p.lam, per_unit=paper)
-
-            def after_backward(_batch_size):
-                # Reference quirk: the code multiplies the scores' gradients by the mask, so only the
-                # kept units' scores move.
-                for g, s in scores.items():
-                    if s.grad is not None:
-                        s.grad.mul_(current["hard"][g])
+                return score_regularizer(scores, norms, p.lam, per_unit=True)
 
             return Hooks(before_batch=before_batch, regularizer=regularizer if p.lam > 0 else None,
-                         after_backward=None if paper else after_backward, update_masks=lambda: current["coords"],
-                         extra_params=list(scores.values()), extra_lr=p.score_lr if p.score_lr is not None else lr)
+                         update_masks=lambda: current["coords"], extra_params=list(scores.values()),
+                         extra_lr=score_lr)
 
-        return bench.job(task, global_state, generator=generator, clip_grad_norm=p.clip_grad_norm, hooks=hooks,
-                         context=context)
+        return hooks
+
+    def _reference_hooks(self, scores, rho, current, score_lr):
+        """The authors' minibatch (Hetero_Client.update_weights_leanable with Models.WeightLayer):
+        the mask of the scores (`reference_score_masks`: k - 1 units) zeroes the masked units'
+        incoming weights in place, their values held aside; the step leaves those rows as they are
+        (gradients times the mask); before the next minibatch they get their values back
+        (CommenNet.weight_recover). After the last step the rows stay zero, as in the code's
+        `cur_params`, which it uploads and keeps as the personalised model."""
+        bench, p = self.bench, self.params
+        weight_decay = bench.cfg.train.weight_decay
+
+        def hooks(model) -> Hooks:
+            params = dict(model.named_parameters())
+            held: dict[str, torch.Tensor] = {}  # the code's `bias_layer_dict`: W - W * mask
+
+            @torch.no_grad()
+            def before_batch():
+                for name, values in held.items():
+                    params[name].add_(values)
+                hard = {g: m.to(bench.device) for g, m in reference_score_masks(scores, rho).items()}
+                rows = weight_row_masks(bench.layout, bench.param_shapes, hard)
+                for name, m in rows.items():
+                    held[name] = params[name] - params[name] * m
+                    params[name].mul_(m)
+                current.update(hard=hard, coords=rows)
+
+            def regularizer():
+                # Reference quirk (Hetero_Client.loss): the target is computed from `param.data`, the
+                # masked weights, so a masked unit's target is sigmoid(0) = 0.5.
+                with torch.no_grad():
+                    norms = unit_l1_norms(params, bench.layout)
+                return score_regularizer(scores, norms, p.lam, per_unit=False)
+
+            def after_backward(_batch_size):
+                # Reference quirks (update_weights_leanable, reset_optimizer): the scores' gradients are
+                # multiplied by the mask, so only the kept units' scores learn; the scores share the
+                # weights' SGD optimizer and its weight decay (--wdecay), which shrinks every score,
+                # masked or not, by lr x weight_decay x score per step.
+                for g, s in scores.items():
+                    grad = s.grad if s.grad is not None else torch.zeros_like(s)
+                    s.grad = torch.add(grad * current["hard"][g], s.detach(), alpha=weight_decay)
+
+            return Hooks(before_batch=before_batch, regularizer=regularizer if p.lam > 0 else None,
+                         after_backward=after_backward, update_masks=lambda: current["coords"],
+                         extra_params=list(scores.values()), extra_lr=score_lr)
+
+        return hooks
 
     def local_result(self, global_state, task: ClientTask, job: LocalJob) -> ClientResult:
-        bench = self.bench
+        bench, p = self.bench, self.params
         stats, y = job.stats, job.y
         rho, widths, current, scores = (job.context[k] for k in ("rho", "widths", "current", "scores"))
         learnable, paper = job.context["learnable"], job.context["paper"]
+        weight_rows_only = learnable and not paper  # the authors' masks (`_reference_hooks`)
 
         # The personalised model: the trained weights with the mask of the last minibatch (the one
-        # its weights were trained under; the scores have moved one step since).
+        # its weights were trained under; the scores have moved one step since). With the authors'
+        # masks the trained weights hold it already (zero rows), and masked units output their bias.
         hard = {g: m.detach() for g, m in current["hard"].items()}
         model = bench.trained_model(job)
-        model.unit_masks = hard
+        model.unit_masks = {} if weight_rows_only else hard
         acc_personal = bench.accuracy_on_client(model, task.client_id)
 
         trained = {k: v.cpu() for k, v in job.trained.items() if k in global_state}
         hard_cpu = {g: m.cpu() for g, m in hard.items()}
-        coords = coordinate_masks(bench.layout, {k: v.shape for k, v in trained.items()}, hard_cpu)
+        shapes = {k: v.shape for k, v in trained.items()}
+        coords = (weight_row_masks if weight_rows_only else coordinate_masks)(bench.layout, shapes, hard_cpu)
         update, bytes_up = {}, 0
         for k, w in trained.items():
             delta = w - global_state[k].to(w.dtype)
@@ -204,6 +285,9 @@ class FedLPSClient(Client):
         metrics = {f"acc_personal{TEST_SET_SUFFIX[kind]}": acc for kind, acc in acc_personal.items()}
         if "arm_low" in task.instruction:
             metrics.update(arm_low=task.instruction["arm_low"], arm_high=task.instruction["arm_high"])
+            if not paper:
+                kept = {g: int(m.sum()) for g, m in hard_cpu.items()}
+                metrics["reward_s"] = self.reward_cost.seconds(kept, stats.steps, task.tier.cap)
         new_state = {g: s.detach().cpu().clone() for g, s in scores.items()} if (learnable and paper) else None
         return ClientResult(
             task.client_id, task.round, payload=update, num_samples=len(y), train_loss=stats.loss,
@@ -216,7 +300,7 @@ class FedLPS(Strategy):
     Client = FedLPSClient
     Params = FedLPSParams
     title = "FedLPS"
-    client_columns = {"arm_low": pa.float64(), "arm_high": pa.float64(),
+    client_columns = {"arm_low": pa.float64(), "arm_high": pa.float64(), "reward_s": pa.float64(),
                       **{f"acc_personal{TEST_SET_SUFFIX[kind]}": pa.float64() for kind in TEST_SETS}}
 
     @classmethod
@@ -242,14 +326,17 @@ class FedLPS(Strategy):
         # per test-set construction, each client's latest personalised accuracy (NaN: none yet)
         self.personal_acc = {kind: np.full(len(self.bench.clients), np.nan) for kind in TEST_SETS}
 
-    def _new_bandit(self, client_id: int) -> PUCBV:
-        cfg = self.bench.cfg
-        return PUCBV.new(seed_of(cfg.seed, "pucbv", client_id), horizon=cfg.rounds / cfg.clients.per_round,
-                         num_arms=self.params.arms, low=self.params.arm_low, high=self.params.arm_high)
+    @property
+    def _bandit_class(self) -> type[PUCBV] | type[ReferencePUCBV]:
+        return ReferencePUCBV if self.params.variant == "reference" else PUCBV
 
-    def _bandit(self, client_id: int) -> PUCBV:
+    def _bandit(self, client_id: int) -> PUCBV | ReferencePUCBV:
+        cfg, p = self.bench.cfg, self.params
         state = self.store.get(client_id, "bandit")
-        return self._new_bandit(client_id) if state is None else PUCBV.from_dict(state)
+        if state is not None:
+            return self._bandit_class.from_dict(state)
+        return self._bandit_class.new(seed_of(cfg.seed, "pucbv", client_id), horizon=cfg.rounds / cfg.clients.per_round,
+                                      num_arms=p.arms, low=p.arm_low, high=p.arm_high)
 
     def configure(self, rnd, clients):
         p = self.params
@@ -280,16 +367,16 @@ class FedLPS(Strategy):
         if p.variant == "reference" and p.reference_noise > 0:
             # Reference quirk (agg/avg.py `avg`): Gaussian noise of std `dp` = 0.001 on every tensor of
             # the aggregated model, BN statistics included.
-            gen = rng(self.bench.cfg.seed, "fedlps-noise", rnd)
-            for k, v in new_state.items():
-                noise = torch.from_numpy(gen.standard_normal(tuple(v.shape))).to(v.dtype)
-                new_state[k] = v + p.reference_noise * noise
+            new_state = with_authors_noise(new_state, self.bench.cfg.seed, "fedlps", rnd, p.reference_noise)
         self.global_state = new_state
 
         for r in kept:
             if p.keep_ratio_policy == "bandit" and not math.isnan(r.train_acc):
                 bandit = self._bandit(r.client_id)
-                bandit.observe(r.keep_ratio, r.train_acc, r.sim_compute_s + r.sim_up_s)
+                # Reference quirk (FedLPS.py): the reward's time from the code's constants (reward_s,
+                # fedlps/reference_cost.py), not from the simulated clock.
+                seconds = r.metrics["reward_s"] if p.variant == "reference" else r.sim_compute_s + r.sim_up_s
+                bandit.observe(r.keep_ratio, r.train_acc, seconds)
                 self.store.put(r.client_id, bandit.to_dict(), "bandit")
             # Reference quirk (FedLPS.py): a training at a keep ratio of 1/4 or less does not replace the
             # client's personalised model.

@@ -252,7 +252,9 @@ def test_scores_move_by_the_task_gradient_only_in_the_paper_variant(bench, varia
     result = recorded_update(s, s.global_state, task(bench, 5), log)
     before, after = log["scores_before"], log["scores_after"]
     assert len(before) == 3 and [len(x) for x in before] == [10, 20, 50]
-    changed = any(not torch.equal(a, b) for a, b in zip(before, after))
+    # the reference's weight decay on the scores (1 - lr x 1.2e-6 per step, tests/test_reference.py)
+    # moves them by far less than 1e-5 of their value in a few steps: that is not learning
+    changed = any(not torch.allclose(a, b, rtol=1e-5, atol=0) for a, b in zip(before, after))
     assert changed == moves
     if variant == "paper":
         assert set(result.state) == set(bench.full_widths)
