@@ -11,7 +11,7 @@ Client (`local_job`, `local_result`): the full-width model with the global weigh
 of every maskable group (fedlps/masks.py). Before every minibatch the mask is recomputed: per group
 the top k = max(1, floor(rho * N)) units by sigmoid(score); masked units' outputs are zeroed through
 `model.unit_masks` and every coordinate that a masked unit touches keeps its value exactly (the
-harness's update masks). Loss = cross-entropy + lambda * score regulariser. After training the
+harness's update masks). (The reference variant masks otherwise: see Variants.) Loss = cross-entropy + lambda * score regulariser. After training the
 client's personalised model (the trained weights with the final mask) is evaluated on its test set,
 and it uploads the masked update W*m - W_global*m (the coordinates of kept units; the full update of
 tensors no maskable group touches) with the unit-mask bitmap.
@@ -60,9 +60,9 @@ Cost model: FLOPs = 3 x forward FLOPs of the model at the kept widths x samples 
 = the dense global model. Bytes up = the kept coordinates of every tensor a maskable group touches
 (4 bytes each), every other tensor in full, plus one bit per unit for the mask (so the BN running
 statistics of masked units, which local training does update, stay global); with the reference
-variant's learnable masks, the kept rows of the masked weights and every other tensor in full. The wall time does
-NOT reflect the sparsity: the mask may change before every minibatch, so no physically smaller model
-can be built; training runs the dense model with zeroed units.
+variant's learnable masks, the kept rows of the masked weights and every other tensor in full. The
+wall time does NOT reflect the sparsity: the mask may change before every minibatch, so no physically
+smaller model can be built; training runs the dense model with zeroed units.
 
 The authors' code is read at the commit every reference variant of fedbench pins: sunnyxuejj/FedLPS
 35fafba2171fac0b0de374ffcd2a85eb40bc975e (its HEAD, 2024-12-12). There `utils/options.py` turns

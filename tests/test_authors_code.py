@@ -107,7 +107,8 @@ def test_flops_and_upload_bits_as_their_counters(authors):
                 w.copy_(torch.randn(w.shape, generator=gen))
                 w[torch.randperm(w.shape[0], generator=gen)[k:]] = 0
         # their count is a float32 tensor: equal up to its rounding
-        assert float(authors.flops.count_training_flops(net, args)) == pytest.approx(3 * cost.forward_flops(kept), rel=1e-6)
+        theirs = float(authors.flops.count_training_flops(net, args))
+        assert theirs == pytest.approx(3 * cost.forward_flops(kept), rel=1e-6)
         assert float(net.stat_param_sizes()) == cost.upload_bits(kept)
 
 
@@ -119,8 +120,8 @@ def test_a_clients_update_as_their_training(authors, tmp_path, rho):
     from fedlps.strategy import FedLPSClient
 
     epochs, batch = 3, 64
-    cfg = make_config(tmp_path, **{"method.name": "fedlps", "method.variant": "reference", "method.keep_ratio_policy": "rcr",
-                                   "train.epochs": epochs, "train.batch_size": batch})
+    cfg = make_config(tmp_path, **{"method.name": "fedlps", "method.variant": "reference",
+                                   "method.keep_ratio_policy": "rcr", "train.epochs": epochs, "train.batch_size": batch})
     bench, strategy = started(cfg)
     g = strategy.global_state
     x, y = bench.train_data(3)
@@ -148,7 +149,8 @@ def test_a_clients_update_as_their_training(authors, tmp_path, rho):
     def with_our_scores():
         draw()
         for name in args.mask_weight_indicator:
-            client.local_net.mask_layer_dict[name.replace(".", "_")].w.data = scores[name.split(".")[0]].view(-1, 1).clone()
+            layer = client.local_net.mask_layer_dict[name.replace(".", "_")]
+            layer.w.data = scores[name.split(".")[0]].view(-1, 1).clone()
 
     client.local_net.initialize_mask = with_our_scores
     theirs = client.update_weights_leanable(w_server={k: v.clone() for k, v in g.items()}, round=0)

@@ -362,7 +362,8 @@ def test_fedavg_reference_adds_the_authors_noise(config):
         g = strategy.global_state
         a = {k: torch.full_like(v, 1.0) for k, v in g.items()}
         b = {k: torch.full_like(v, 4.0) for k, v in g.items()}
-        strategy.aggregate(3, [ClientResult(1, 3, payload=a, num_samples=20), ClientResult(2, 3, payload=b, num_samples=10)], [])
+        kept = [ClientResult(1, 3, payload=a, num_samples=20), ClientResult(2, 3, payload=b, num_samples=10)]
+        strategy.aggregate(3, kept, [])
         results[variant] = strategy.global_state
     official, reference = results["official"], results["reference"]
     assert all(torch.allclose(v, torch.full_like(v, 2.0)) for v in official.values())  # (20 x 1 + 10 x 4) / 30
