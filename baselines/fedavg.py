@@ -39,7 +39,7 @@ def with_authors_noise(state: dict[str, torch.Tensor], seed: int, method: str, r
 
 class FedAvgParams(MethodParams):
     variant: Literal["official", "reference"] = "official"
-    reference_noise: float = Field(AUTHORS_NOISE, ge=0, allow_inf_nan=False,
+    reference_noise: float = Field(AUTHORS_NOISE, ge=0,
                                    description="reference variant: std of the Gaussian noise added to the aggregate")
 
 
