@@ -160,8 +160,10 @@ def test_count_normalised_mean_and_checkpoint(config):
 
 
 def test_unknown_parameter_is_a_config_error(config):
-    with pytest.raises(ConfigError, match="method"):
-        config(**{"method.name": "fedrolex", "method.rolling": True})
+    from harness.spec import resolve
+
+    with pytest.raises(ConfigError, match="method.rolling: unknown key"):
+        resolve(config(**{"method.name": "fedrolex", "method.rolling": True}))
 
 
 # -- the three models --------------------------------------------------------------------------------
