@@ -13,6 +13,7 @@ $(BIN)/.installed: pyproject.toml
 
 run: $(BIN)/.installed
 	$(BIN)/fedbench sweep sweeps/quickstart.yaml --out $(OUT)
+	@echo "report: $(abspath $(OUT))/report.html (open it in a browser)"
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest

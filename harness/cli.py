@@ -99,9 +99,30 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--claims", metavar="LABEL",
                     help="check the paper's claims for this method (label, title or name, e.g. fedlps) against "
                          "every other method: write DIR/claims.csv and print it")
-    pl = sub.add_parser("plot", help="PNG figures: accuracy vs simulated time and vs round, running time",
+    lb.add_argument("--markdown", nargs="?", const="-", metavar="FILE",
+                    help="also write the tables as Markdown (the README's verdict tables) to FILE, or print them "
+                         "instead of the plain tables when FILE is left out")
+    rp = sub.add_parser("report", help="one self-contained HTML page: leaderboards, claims, figures, provenance",
+                        description="Write one HTML file (styles, scripts and figures inline; nothing is fetched "
+                                    "when it is opened) with, per setting, the leaderboard (sortable, with a filter "
+                                    "box), the claims table, the figures as SVG, the per-client spread and where the "
+                                    "results come from. Reads the Parquet files under DIR; a folder that holds only "
+                                    "a leaderboard CSV (and plots) gives a page of what it holds.")
+    rp.add_argument("dir", help="results folder or URI")
+    rp.add_argument("-o", "--output", help="the HTML file, a path or URI (default: DIR/report.html)")
+    rp.add_argument("--baseline", metavar="LABEL",
+                    help="paired differences against this method (default: the baseline of DIR/leaderboard.csv, "
+                         "if it has one)")
+    rp.add_argument("--claims", metavar="LABEL", action="append",
+                    help="the claims table for this method (repeatable; default: the methods of DIR/claims.csv, "
+                         "if there is one)")
+    rp.add_argument("--target-acc", type=float, help="accuracy (fraction) for time-to-target")
+    pl = sub.add_parser("plot", help="PNG figures: accuracy vs simulated time and vs round, running time, accuracy "
+                                     "vs running time with its Pareto front",
                         description="Write, per setting, accuracy against simulated time and against round (a line "
-                                    "per method, a band over seeds) and a bar chart of running time.")
+                                    "per method, a band over seeds), a bar chart of running time and last-10 accuracy "
+                                    "(95 % interval) against total simulated time (log scale), one point per method, "
+                                    "the Pareto front marked.")
     pl.add_argument("dir", help="results folder or URI")
     pl.add_argument("-o", "--output", "--plots-dir", dest="output",
                     help="folder (or URI) for the PNG files (default: DIR/plots)")
@@ -203,15 +224,24 @@ def _target(value: float | None) -> float | None:
     return value
 
 
-def _report(folder, output: str | None, target: float | None, plots_dir: str | None = None) -> None:
-    from harness import leaderboard
+def _command(args) -> str:
+    """The command line that is running, as a shell would take it."""
+    import shlex
+
+    return shlex.join(["fedbench", *args.argv])
+
+
+def _report(folder, output: str | None, target: float | None, plots_dir: str | None = None,
+            command: str | None = None) -> None:
+    from harness import html_report, leaderboard
     from harness.plots import plot
 
     board = leaderboard.build(folder, target)
     print(leaderboard.format_table(board))
     csv = leaderboard.write(board, output or folder / "leaderboard.csv")
     figures = plot(folder, plots_dir, say=False)
-    print(f"\nleaderboard: {csv}\nplots: {', '.join(str(f) for f in figures)}")
+    page = html_report.write(folder, target_acc=target, command=command)
+    print(f"\nleaderboard: {csv}\nplots: {', '.join(str(f) for f in figures)}\nreport: {page}")
 
 
 def cmd_sweep(args) -> int:
@@ -241,7 +271,7 @@ def cmd_sweep(args) -> int:
             print(f"fedbench: {e}", file=sys.stderr)
             return 130
         try:
-            _report(out, None, target, args.plots_dir)
+            _report(out, None, target, args.plots_dir, _command(args))
         except UserError as e:
             if failed is None:
                 raise
@@ -257,12 +287,29 @@ def cmd_leaderboard(args) -> int:
     root = storage.resolve(args.dir)
     if args.output is not None and storage.resolve(args.output).is_dir():
         raise UserError("-o", f"{args.output} is a folder; give the CSV file's name (e.g. {args.output}/leaderboard.csv)")
-    print(leaderboard.format_table(board))
+    text = leaderboard.markdown(board, table) if args.markdown is not None else None
+    if args.markdown == "-":
+        print(text, end="")
+    else:
+        print(leaderboard.format_table(board))
+        if table is not None:
+            print("\n" + leaderboard.format_claims(table))
     written = [leaderboard.write(board, args.output or root / "leaderboard.csv")]
     if table is not None:
-        print("\n" + leaderboard.format_claims(table))
         written.append(leaderboard.write(table, root / "claims.csv"))
-    print(f"\nwritten: {', '.join(map(str, written))}")
+    if args.markdown not in (None, "-"):
+        where = storage.resolve(args.markdown)
+        where.write_bytes(text.encode())
+        written.append(where)
+    print(f"\nwritten: {', '.join(map(str, written))}", file=sys.stderr if args.markdown == "-" else sys.stdout)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from harness import html_report
+
+    print(html_report.write(args.dir, args.output, baseline=args.baseline, claims=args.claims,
+                            target_acc=_target(args.target_acc), command=_command(args)))
     return 0
 
 
@@ -275,11 +322,12 @@ def cmd_plot(args) -> int:
 
 
 COMMANDS = {"run": cmd_run, "bench": cmd_bench, "sweep": cmd_sweep, "leaderboard": cmd_leaderboard,
-            "plot": cmd_plot, "methods": cmd_methods}
+            "plot": cmd_plot, "report": cmd_report, "methods": cmd_methods}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -6,8 +6,11 @@ Statistics over seeds: every std is the sample std (ddof=1); a 95 % confidence i
 interval of the mean, mean +- t(0.975, n-1) * std / sqrt(n), NaN with fewer than 2 values. Paired
 differences are taken seed by seed over the seeds both methods have (the same seed gives every method
 the same partition, tier draws and client sampling), then summarised the same way. A verdict is
-`better` when the interval lies above 0, `worse` when below, `tie` when it holds 0, and `n/a` when
-there is no interval (fewer than 2 paired seeds), so one seed is never read as a tie.
+`better` when the interval lies above 0, `worse` when below, `inconclusive` when it holds 0 (with a
+few seeds such an interval says nothing about equality), and `n/a` when there is no interval (fewer
+than 2 paired seeds). The claims table adds each comparison's paired t-test p-value (two-sided; below
+0.05 exactly when the interval excludes 0) and Holm's adjustment of it over all the comparisons of
+the table, with the verdict that survives that adjustment.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from harness.errors import UserError
 
 log = logging.getLogger(__name__)
 
+MODEL_TITLES = {"cnn": "CNN", "vgg11": "VGG-11", "vgg13": "VGG-13", "resnet18": "ResNet-18"}
 LAST = 10  # the headline accuracy: the mean of a run's last 10 evaluated rounds
 TIME_CLAIM_PCT = 68.8  # the FedLPS paper: "reduces running time by more than 68.80 %"
 
@@ -128,6 +132,34 @@ def mean_ci(values) -> tuple[float, float, float, float, int]:
     return mean, std, mean - half, mean + half, n
 
 
+def paired_p(differences) -> float:
+    """Two-sided p-value of the paired t-test that the mean of the finite `differences` is 0 (NaN
+    with fewer than 2; below 0.05 exactly when the 95 % interval of mean_ci excludes 0)."""
+    x = np.asarray(differences, dtype=float)
+    x = x[np.isfinite(x)]
+    if len(x) < 2:
+        return math.nan
+    mean, std = float(x.mean()), float(x.std(ddof=1))
+    if std == 0:
+        return 0.0 if mean != 0 else 1.0
+    from scipy.stats import t
+
+    return float(2 * t.sf(abs(mean) / (std / math.sqrt(len(x))), len(x) - 1))
+
+
+def holm(p_values) -> np.ndarray:
+    """Holm's step-down adjustment: the i-th smallest of m p-values becomes the running maximum of
+    min(1, (m - j + 1) p_(j)) over j <= i. NaN stays NaN and is not counted in m."""
+    p = np.asarray(p_values, dtype=float)
+    adjusted = np.full(p.shape, math.nan)
+    finite = np.flatnonzero(np.isfinite(p))
+    running = 0.0
+    for i, j in enumerate(finite[np.argsort(p[finite], kind="stable")]):
+        running = max(running, min(1.0, (len(finite) - i) * p[j]))
+        adjusted[j] = running
+    return adjusted
+
+
 def verdict(low: float, high: float, lower_is_better: bool = False) -> str:
     if not (np.isfinite(low) and np.isfinite(high)):
         return "n/a"
@@ -135,7 +167,7 @@ def verdict(low: float, high: float, lower_is_better: bool = False) -> str:
         return "worse" if lower_is_better else "better"
     if high < 0:
         return "better" if lower_is_better else "worse"
-    return "tie"
+    return "inconclusive"
 
 
 def paired(method: pd.Series, baseline: pd.Series) -> pd.DataFrame:
@@ -226,12 +258,13 @@ def _delta_stats(runs: pd.DataFrame, base: pd.DataFrame) -> dict:
     return row
 
 
-def build(root: str | Path, target_acc: float | None = None, baseline: str | None = None) -> pd.DataFrame:
+def build(root: str | Path, target_acc: float | None = None, baseline: str | None = None,
+          say: bool = True) -> pd.DataFrame:
     """`target_acc` defaults, per setting, to the lowest best accuracy of any of its runs: the
     highest accuracy that every run reaches, so time-to-accuracy compares them all. With `baseline`
     (a method label, title or name), every row also gets its paired differences against it. `root` is
-    a local folder or a URI."""
-    summary, rounds = _runs(root)
+    a local folder or a URI; `say`: name the runs left out (load_runs)."""
+    summary, rounds = _runs(root, say)
     base_label = resolve(summary, baseline, "--baseline", single=True)[0] if baseline is not None else None
     rows = []
     for setting, group in summary.groupby("setting", sort=True):
@@ -273,7 +306,11 @@ def _pm(mean: float, low: float, high: float, scale: float = 100.0) -> str:
 
 def _ci(mean: float, low: float, high: float, scale: float = 100.0) -> str:
     def signed(v):
-        return f"{round(scale * v, 2) + 0.0:+.2f}"  # + 0.0: no "-0.00"
+        v = scale * v
+        if abs(v) >= 1e-6 and round(v, 2) == 0:  # next to 0 the sign shows (a verdict may hinge on it);
+            # below 1e-6 it is rounding noise
+            return f"{v:+.{1 - math.floor(math.log10(abs(v)))}f}"
+        return f"{round(v, 2) + 0.0:+.2f}"  # + 0.0: no "-0.00"
 
     if not np.isfinite(mean):
         return "-"
@@ -312,7 +349,8 @@ def format_table(board: pd.DataFrame) -> str:
                       "wall s": b["wall_s"].round(1)})
         title = b["setting_title"].iloc[0]
         head = f"{title} [{setting}]" if title != setting else setting
-        head += f"; target accuracy {100 * b['target_acc'].iloc[0]:.2f} %"
+        head += (f"; 95 % intervals: Student t over {seeds_note(b['seeds'])}; target accuracy "
+                 f"{100 * b['target_acc'].iloc[0]:.2f} %")
         if "baseline" in b:
             head += f"; baseline {b['baseline'].iloc[0]}"
         blocks.append(head + "\n" + pd.DataFrame(shown).to_string(index=False))
@@ -321,13 +359,15 @@ def format_table(board: pd.DataFrame) -> str:
 
 # -- the claims table ----------------------------------------------------------------------------
 
-def claims(root: str | Path, label: str) -> pd.DataFrame:
-    """The paper's claims checked for the methods `label` names against every other method: one row
-    per (setting, method, other method, evaluation view, test sets) with the paired accuracy gain in
-    points and in percent, its verdict, the running-time reduction in percent and whether "more than
-    68.80 % less running time" holds."""
+def claims(root: str | Path, label: str | list[str]) -> pd.DataFrame:
+    """The paper's claims checked for the methods `label` names (one name or several) against every
+    other method: one row per (setting, method, other method, evaluation view, test sets) with the
+    paired accuracy gain in points and in percent, its verdict, its p-value and Holm-adjusted p-value
+    over all rows, the running-time reduction in percent and whether "more than 68.80 % less running
+    time" holds."""
     summary, _ = _runs(root, say=False)
-    mine = resolve(summary, label, "--claims", single=False)
+    labels = [label] if isinstance(label, str) else list(label)
+    mine = sorted({m for one in labels for m in resolve(summary, one, "--claims", single=False)})
     rows = []
     for setting, group in summary.groupby("setting", sort=True):
         by = {m: g.set_index("seed") for m, g in group.groupby("method_label")}
@@ -343,7 +383,8 @@ def claims(root: str | Path, label: str) -> pd.DataFrame:
                         pair = paired(by[m][col], by[other][col])
                         if not len(pair):
                             continue  # the view was not recorded
-                        g_mean, _, g_low, g_high, n = mean_ci(100 * (pair["m"] - pair["b"]))
+                        gain = 100 * (pair["m"] - pair["b"])
+                        g_mean, _, g_low, g_high, n = mean_ci(gain)
                         r_mean, _, r_low, r_high, _ = mean_ci(100 * (pair["m"] / pair["b"] - 1))
                         rows.append({
                             "setting": setting, "setting_title": group["setting_title"].iloc[0],
@@ -352,12 +393,28 @@ def claims(root: str | Path, label: str) -> pd.DataFrame:
                             "gain_pts_mean": g_mean, "gain_pts_ci95_low": g_low, "gain_pts_ci95_high": g_high,
                             "gain_rel_pct_mean": r_mean, "gain_rel_pct_ci95_low": r_low,
                             "gain_rel_pct_ci95_high": r_high, "accuracy_verdict": verdict(g_low, g_high),
+                            "gain_p_value": paired_p(gain),
                             "time_reduction_pct_mean": t_mean, "time_reduction_pct_ci95_low": t_low,
                             "time_reduction_pct_ci95_high": t_high, "time_claim": time_claim,
                         })
     if not rows:
         raise UserError("--claims", f"{label!r} has no other method to be compared with in {root}")
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    at = table.columns.get_loc("gain_p_value") + 1
+    table.insert(at, "gain_p_holm", holm(table["gain_p_value"]))
+    table.insert(at + 1, "accuracy_verdict_holm", [
+        "n/a" if not np.isfinite(p) else "inconclusive" if p >= 0.05 else "better" if g > 0 else "worse"
+        for p, g in zip(table["gain_p_holm"], table["gain_pts_mean"])])
+    return table
+
+
+def comparisons(table: pd.DataFrame) -> int:
+    """How many comparisons Holm's adjustment of the claims table counts."""
+    return int(table["gain_p_value"].notna().sum())
+
+
+def _p(p: float) -> str:
+    return "-" if not np.isfinite(p) else "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def format_claims(table: pd.DataFrame) -> str:
@@ -370,13 +427,125 @@ def format_claims(table: pd.DataFrame) -> str:
                                                                   t.gain_pts_ci95_high)],
             "gain % [95% CI]": [_ci(*v, scale=1.0) for v in zip(t.gain_rel_pct_mean, t.gain_rel_pct_ci95_low,
                                                                 t.gain_rel_pct_ci95_high)],
-            "accuracy": t["accuracy_verdict"],
+            "accuracy": t["accuracy_verdict"], "p": t["gain_p_value"].map(_p),
+            "p Holm": t["gain_p_holm"].map(_p), "after Holm": t["accuracy_verdict_holm"],
             "time reduction % [95% CI]": [_ci(*v, scale=1.0) for v in zip(
                 t.time_reduction_pct_mean, t.time_reduction_pct_ci95_low, t.time_reduction_pct_ci95_high)],
             f"> {TIME_CLAIM_PCT:g} % less time": t["time_claim"],
         })
         blocks.append(f"claims: {t['setting_title'].iloc[0]}\n" + shown.to_string(index=False))
+    blocks.append(f"p: two-sided paired t-test over seeds; Holm: adjusted over the {comparisons(table)} comparisons "
+                  f"of this table")
     return "\n\n".join(blocks)
+
+
+# -- Markdown: the README's tables ---------------------------------------------------------------
+
+VIEW_TITLES = {"": "client models", "_global": "global model"}
+TESTS_TITLES = {"mirrored": "mirrored", "authors": "authors' tests"}
+
+
+def seeds_note(seeds) -> str:
+    """'3 seeds' or '2 to 3 seeds': what the intervals of a table rest on."""
+    low, high = int(min(seeds)), int(max(seeds))
+    return f"{high} seed{'s' if high != 1 else ''}" if low == high else f"{low} to {high} seeds"
+
+
+def _cell(text) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _md(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(map(_cell, header)) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(map(_cell, r)) + " |" for r in rows])
+
+
+def _interval(mean: float, low: float, high: float) -> str:
+    if not np.isfinite(mean):
+        return "-"
+    if not np.isfinite(low):
+        return f"{100 * mean:.2f}"
+    return f"{100 * mean:.2f} [{100 * low:.2f}, {100 * high:.2f}]"
+
+
+def markdown(board: pd.DataFrame, table: pd.DataFrame | None = None) -> str:
+    """The leaderboard (and the claims table) as the README's Markdown tables: per setting, every
+    method's last-10 accuracy [95 % CI] in each recorded view, then, with a baseline, its paired
+    difference; per claimed method, its gain over each other method in every view."""
+    blocks = []
+    for setting, b in board.groupby("setting", sort=False):
+        views = [(f"{tag}", suffix, TESTS_TITLES[tests] + ", " + VIEW_TITLES[tag] if suffix else VIEW_TITLES[tag])
+                 for suffix, tests in TESTS for tag, _ in VIEWS
+                 if b[f"last10_acc{tag}_mean{suffix}"].notna().any()]
+        header = ["method", "seeds"] + [f"last-10 acc %, {name}" if i == 0 else name for i, (_, _, name) in enumerate(views)]
+        has_base = "baseline" in b and b["baseline"].notna().any()
+        if has_base:
+            header += ["Δ pts, client models [95% CI]", "time Δ % [95% CI]"]
+        header += ["simulated time s", "TFLOPs", "MB up"]
+        rows = []
+        for r in b.itertuples(index=False):
+            r = r._asdict()
+            row = [r["method_title"], r["seeds"]] + [
+                _interval(r[f"last10_acc{tag}_mean{suffix}"], r[f"last10_acc{tag}_ci95_low{suffix}"],
+                          r[f"last10_acc{tag}_ci95_high{suffix}"]) for tag, suffix, _ in views]
+            if has_base:
+                row += ["baseline" if r["verdict"] == "baseline" else
+                        f"{_ci(r['delta_mean'], r['delta_ci95_low'], r['delta_ci95_high'])} {r['verdict']}",
+                        "baseline" if r["verdict"] == "baseline" else
+                        f"{_ci(r['time_delta_pct_mean'], r['time_delta_pct_ci95_low'], r['time_delta_pct_ci95_high'], 1.0)}"
+                        f" {r['time_verdict']}"]
+            row += [f"{r['sim_total_s']:.2f}", f"{r['tflops_total']:.3f}", f"{r['mb_up']:.1f}"]
+            rows.append(row)
+        model = b["model"].iloc[0]
+        caption = (f"**{b['setting_title'].iloc[0]}**, {MODEL_TITLES.get(model, model)}: last-10 accuracy % "
+                   f"[95 % CI, Student t over {seeds_note(b['seeds'])}]; simulated time, TFLOPs and MB up: "
+                   f"means over seeds")
+        if has_base:
+            base = b.loc[b["verdict"] == "baseline", "method_title"]
+            caption += f"; Δ: paired seed by seed against {base.iloc[0] if len(base) else b['baseline'].iloc[0]}"
+        blocks.append(caption + "\n\n" + _md(header, rows))
+    if table is not None:
+        for (setting, method), t in table.groupby(["setting", "method"], sort=False):
+            cols = [(view, tests) for _, tests in TESTS for view in ("clients", "global")
+                    if ((t["view"] == view) & (t["test_sets"] == tests)).any()]
+            header = ["vs"] + [f"{VIEW_TITLES['' if v == 'clients' else '_global']}, {TESTS_TITLES[s]}"
+                               for v, s in cols] + ["time reduction %"]
+            rows = []
+            for other, o in t.groupby("other", sort=False):
+                cells = {(r.view, r.test_sets): r for r in o.itertuples(index=False)}
+                row = [other]
+                for key in cols:
+                    r = cells.get(key)
+                    if r is None:
+                        row.append("-")
+                        continue
+                    p = f" (p {_p(r.gain_p_value)}, Holm {_p(r.gain_p_holm)})" if hasattr(r, "gain_p_holm") else ""
+                    row.append(f"{_ci(r.gain_pts_mean, r.gain_pts_ci95_low, r.gain_pts_ci95_high, 1.0)} "
+                               f"{r.accuracy_verdict}{p}; {r.gain_rel_pct_mean:+.1f} %")
+                first = o.iloc[0]
+                row.append(f"{first.time_reduction_pct_mean:.1f} [{first.time_reduction_pct_ci95_low:.1f}, "
+                           f"{first.time_reduction_pct_ci95_high:.1f}] {first.time_claim}")
+                rows.append(row)
+            blocks.append(f"**{method}** against each other method, {t['setting_title'].iloc[0]}: gain in points "
+                          f"[95 % CI] and verdict; relative gain in %; time reduction in % [95 % CI] (claim: more "
+                          f"than {TIME_CLAIM_PCT:g} %)\n\n" + _md(header, rows))
+        if "gain_p_holm" in table:
+            blocks.append(f"p: two-sided paired t-test over seeds; Holm: adjusted over the {comparisons(table)} "
+                          f"comparisons of this claims table.")
+    return "\n\n".join(blocks) + "\n"
+
+
+def read_saved(where) -> pd.DataFrame:
+    """A leaderboard or claims CSV that `write` wrote (a path or URI). The verdict `tie` of files
+    written before it became `inconclusive` reads as `inconclusive`."""
+    import io
+
+    from harness import storage
+
+    data = pd.read_csv(io.BytesIO(storage.resolve(where).read_bytes()))
+    verdicts = [c for c in data if "verdict" in c]
+    data[verdicts] = data[verdicts].replace("tie", "inconclusive")
+    return data
 
 
 def write(board: pd.DataFrame, path: str | Path) -> Path | str:
@@ -384,5 +553,6 @@ def write(board: pd.DataFrame, path: str | Path) -> Path | str:
     from harness import storage
 
     where = storage.resolve(path)
-    where.write_bytes(board.to_csv(index=False, float_format="%.6g").encode())
+    # 10 significant digits: a number rounded from the CSV rounds as from the Parquet files
+    where.write_bytes(board.to_csv(index=False, float_format="%.10g").encode())
     return Path(where.path) if where.local else str(where)

@@ -1,6 +1,9 @@
 """The leaderboard's statistics, paired differences and claims table on made-up runs whose numbers
 are worked out by hand (3 seeds: t(0.975, 2) = 4.302653), and the plots' titles and legends."""
 import math
+import re
+import shlex
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -100,7 +103,7 @@ def test_paired_differences_against_a_baseline(runs):
     half = T2 * math.sqrt(0.0007) / math.sqrt(3)  # 0.065726
     assert (same["delta_ci95_low"], same["delta_ci95_high"]) == (pytest.approx(-half, rel=1e-6),
                                                                  pytest.approx(half, rel=1e-6))
-    assert same["delta_mean"] == pytest.approx(0.0, abs=1e-12) and same["verdict"] == "tie"
+    assert same["delta_mean"] == pytest.approx(0.0, abs=1e-12) and same["verdict"] == "inconclusive"
     # the global view: up is worse there (-0.04, -0.05, -0.06)
     assert up["delta_global_mean"] == pytest.approx(-0.05) and up["verdict_global"] == "worse"
     assert up["delta_global_ci95_high"] == pytest.approx(-0.05 + T2 * 0.01 / math.sqrt(3), rel=1e-6)
@@ -112,7 +115,7 @@ def test_paired_differences_against_a_baseline(runs):
         pytest.approx(t[0]), pytest.approx(t[2], rel=1e-6), pytest.approx(t[3], rel=1e-6))
     assert t[3] == pytest.approx(-69.4956, abs=1e-4) and up["time_verdict"] == "better"
     assert (down["time_delta_pct_ci95_low"], down["time_verdict"]) == (pytest.approx(50.0), "worse")
-    assert (same["time_delta_pct_mean"], same["time_verdict"]) == (pytest.approx(0.0, abs=1e-9), "tie")
+    assert (same["time_delta_pct_mean"], same["time_verdict"]) == (pytest.approx(0.0, abs=1e-9), "inconclusive")
     assert base["verdict"] == "baseline" and base["delta_mean"] == 0.0
     # the CSV holds every column; the printed table the headline ones
     csv = pd.read_csv(leaderboard.write(board, runs / "lb.csv"))
@@ -189,7 +192,7 @@ def test_claims_table(runs, capsys):
     rel = ci(100 * (METHODS["up"][1] / BASE - 1))
     assert base["gain_rel_pct_mean"] == pytest.approx(rel[0], rel=1e-5) and base["accuracy_verdict"] == "better"
     assert vs.loc[("Base (reference)", "global", "authors"), "accuracy_verdict"] == "worse"
-    assert vs.loc[("Same", "clients", "mirrored"), "accuracy_verdict"] == "tie"  # +3, +9, +6 points
+    assert vs.loc[("Same", "clients", "mirrored"), "accuracy_verdict"] == "inconclusive"  # +3, +9, +6 points
     # time reduction 100 (1 - T_up / T_other): vs base 75, 80, 75 -> [69.50, 83.84], above 68.8: holds
     t = ci([75.0, 80.0, 75.0])
     assert (base["time_reduction_pct_mean"], base["time_reduction_pct_ci95_low"]) == (
@@ -211,7 +214,14 @@ def test_plots_read_as_a_papers_figures(runs):
     seen = {}
     for name, fig in figures(runs):
         seen[name] = (fig._suptitle.get_text(), [ax for ax in fig.axes])
-        if name != "s_running_time.png":
+        if name == "s_pareto.png":
+            left, right = fig.axes
+            assert left.get_xscale() == "log" and right.get_title() == "test sets: authors' tests"
+            assert sorted(t.get_text() for t in left.texts) == ["Base (reference)", "Down", "Same", "Up (paper)"]
+            # up is faster and more accurate than every other: the front is up alone
+            filled = [line.get_markerfacecolor() != "white" for line in left.lines if line.get_marker() == "o"]
+            assert sum(filled) == 1
+        elif name != "s_running_time.png":
             left, right = fig.axes
             assert [t.get_text() for t in left.get_legend().get_texts()] == [
                 "Base (reference)", "Down", "Same", "Up (paper)"]
@@ -221,7 +231,9 @@ def test_plots_read_as_a_papers_figures(runs):
             assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["Base (reference)", "Down", "Same",
                                                                             "Up (paper)"]
         plt.close(fig)
-    assert set(seen) == {"s_acc_vs_time.png", "s_acc_vs_round.png", "s_running_time.png"}
+    assert set(seen) == {"s_acc_vs_time.png", "s_acc_vs_round.png", "s_running_time.png", "s_pareto.png"}
+    assert seen["s_pareto.png"][0].startswith(f"Accuracy against running time, {SETTING_TITLE}, CNN\nerror bars: 95 % "
+                                              f"confidence interval over 3 seeds")
     title = seen["s_acc_vs_round.png"][0]
     assert title.startswith(SETTING_TITLE + ", CNN\nmean of 3 seeds; band: 95 % confidence interval of the mean")
     assert seen["s_running_time.png"][0].startswith(f"Running time, {SETTING_TITLE}, CNN")
@@ -233,6 +245,17 @@ def test_plots_read_as_a_papers_figures(runs):
     assert mean == pytest.approx(np.full(len(grid), 82.0))
     assert high - mean == pytest.approx(np.full(len(grid), T2 * 2.0 / math.sqrt(3)), rel=1e-6)
     assert _band([(x, np.ones(3))])[2] is None
+
+
+def test_the_pareto_front():
+    from harness.plots import pareto_front
+
+    # (time, accuracy): a is fastest; b is slower and more accurate; c is dominated by b; d ties b's
+    # accuracy but is slower; e is the most accurate; f has no accuracy
+    time = [1.0, 2.0, 3.0, 4.0, 5.0, 0.5]
+    acc = [80.0, 90.0, 85.0, 90.0, 95.0, math.nan]
+    assert pareto_front(time, acc).tolist() == [True, True, False, False, True, False]
+    assert pareto_front([1.0, 1.0], [90.0, 90.0]).tolist() == [True, True]  # equal points dominate neither
 
 
 def test_plots_without_titles_or_the_global_view(tmp_path):
@@ -247,3 +270,115 @@ def test_plots_without_titles_or_the_global_view(tmp_path):
             assert fig.axes[0].get_title() == "one seed" and not fig.axes[0].collections
             assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["base", "down", "same", "up"]
         plt.close(fig)
+
+
+def test_p_values_and_holms_adjustment():
+    # Student t with 2 degrees of freedom: P(|T| > t) = 1 - t / sqrt(t^2 + 2)
+    t = 6.0 / (1.0 / math.sqrt(3))  # differences 5, 6, 7: mean 6, std 1
+    assert leaderboard.paired_p([5.0, 6.0, 7.0]) == pytest.approx(1 - t / math.sqrt(t * t + 2), rel=1e-9)
+    assert math.isnan(leaderboard.paired_p([1.0])) and leaderboard.paired_p([2.0, 2.0]) == 0.0
+    assert leaderboard.paired_p([0.0, 0.0, 0.0]) == 1.0
+    # m = 4 (NaN not counted): sorted 0.005 0.01 0.03 0.04 -> 4x, 3x, 2x, 1x, then the running maximum
+    adjusted = leaderboard.holm([0.01, 0.04, 0.03, math.nan, 0.005, ])
+    assert adjusted[[0, 1, 2, 4]] == pytest.approx([0.03, 0.06, 0.06, 0.02]) and math.isnan(adjusted[3])
+    assert leaderboard.holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])  # capped at 1
+
+
+def test_claims_carry_p_values_over_the_whole_table(runs, capsys):
+    assert main(["leaderboard", str(runs), "--claims", "up"]) == 0
+    printed = capsys.readouterr().out
+    table = pd.read_csv(runs / "claims.csv")
+    assert "Holm: adjusted over the 12 comparisons of this table" in printed
+    base = table.set_index(["other", "view", "test_sets"]).loc[("Base (reference)", "clients", "mirrored")]
+    t = 6.0 * math.sqrt(3)  # gains 5, 6, 7 points
+    assert base["gain_p_value"] == pytest.approx(1 - t / math.sqrt(t * t + 2), rel=1e-5)
+    assert table["gain_p_holm"].to_numpy() == pytest.approx(leaderboard.holm(table["gain_p_value"]), rel=1e-5)
+    assert (table["gain_p_holm"] >= table["gain_p_value"] - 1e-12).all()
+    # the interval excludes 0 exactly when p < 0.05; after Holm, only what survives the adjustment
+    assert ((table["gain_p_value"] < 0.05) == table["accuracy_verdict"].isin(["better", "worse"])).all()
+    survives = table["gain_p_holm"] < 0.05
+    assert (table.loc[~survives, "accuracy_verdict_holm"] == "inconclusive").all()
+    assert (table.loc[survives, "accuracy_verdict_holm"] == table.loc[survives, "accuracy_verdict"]).all()
+
+
+def test_the_printed_table_says_how_many_seeds(tmp_path):
+    write_runs(tmp_path, seeds=(1, 2, 3))
+    write_runs(tmp_path, {"late": ("Late", BASE, [100.0, 100.0], BASE)}, seeds=(1, 2))
+    text = leaderboard.format_table(leaderboard.build(tmp_path))
+    assert "95 % intervals: Student t over 2 to 3 seeds" in text
+
+
+def test_markdown_tables(runs, capsys):
+    assert main(["leaderboard", str(runs), "--baseline", "base", "--claims", "up", "--markdown"]) == 0
+    out, err = capsys.readouterr()
+    board = leaderboard.build(runs, baseline="base")
+    assert out == leaderboard.markdown(board, leaderboard.claims(runs, "up")) and "written: " in err
+    lines = out.splitlines()
+    assert lines[0] == (f"**{SETTING_TITLE}**, CNN: last-10 accuracy % [95 % CI, Student t over 3 seeds]; simulated "
+                        f"time, TFLOPs and MB up: means over seeds; Δ: paired seed by seed against Base (reference)")
+    assert lines[2] == ("| method | seeds | last-10 acc %, client models | global model | authors' tests, client models "
+                        "| authors' tests, global model | Δ pts, client models [95% CI] | time Δ % [95% CI] | "
+                        "simulated time s | TFLOPs | MB up |")
+    # up: 0.85, 0.88, 0.91 (std 0.03); paired +5, +6, +7 points; time -75, -80, -75 %
+    up = next(line for line in lines if line.startswith("| Up (paper) | 3 |"))
+    # global view 0.66, 0.67, 0.68; the authors' test sets 5 points lower
+    assert up == ("| Up (paper) | 3 | 88.00 [80.55, 95.45] | 67.00 [64.52, 69.48] | 83.00 [75.55, 90.45] | "
+                  "62.00 [59.52, 64.48] | +6.00 [+3.52, +8.48] better | -76.67 [-83.84, -69.50] better | 25.67 | "
+                  "1.000 | 1.0 |")
+    assert "| baseline | baseline |" in next(line for line in lines if line.startswith("| Base (reference) |"))
+    row = next(line for line in lines if line.startswith("| Base (reference) | +6.00"))
+    t = 6.0 * math.sqrt(3)
+    assert f"better (p {1 - t / math.sqrt(t * t + 2):.3f}, Holm " in row and row.endswith("| 76.7 [69.5, 83.8] holds |")
+    assert lines[-1] == "p: two-sided paired t-test over seeds; Holm: adjusted over the 12 comparisons of this claims table."
+    # a label with a pipe stays in its cell
+    assert leaderboard._md(["a"], [["x|y"]]).splitlines()[-1] == "| x\\|y |"
+    assert main(["leaderboard", str(runs), "--markdown", str(runs / "tables.md")]) == 0
+    assert (runs / "tables.md").read_text() == leaderboard.markdown(leaderboard.build(runs))
+    assert "written: " in capsys.readouterr().out
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+MARKED = re.compile(r"<!-- table: (fedbench leaderboard [^>]*?) -->\n(.*?)<!-- /table -->", re.S)
+
+
+def readme_tables():
+    return [pytest.param(cmd, text, id=cmd.split()[2]) for cmd, text in MARKED.findall(README.read_text())]
+
+
+def _args(cmd):
+    from harness.cli import build_parser
+
+    args = build_parser().parse_args(shlex.split(cmd)[1:])
+    assert args.markdown is not None, f"{cmd}: a README table is made with --markdown"
+    return args, README.parent / args.dir
+
+
+def test_the_readme_marks_its_tables():
+    assert {p.values[0].split()[2] for p in readme_tables()} >= {
+        "results/paper_mnist", "results/fedlps_ablation", "results/deadlines", "results/quickstart"}
+
+
+@pytest.mark.parametrize("cmd, text", readme_tables())
+def test_readme_tables_equal_the_committed_parquet_files(cmd, text):
+    args, folder = _args(cmd)
+    if not list(folder.glob("*/summary.parquet")):
+        pytest.skip(f"{args.dir} holds no Parquet files (results/.gitignore keeps only its CSVs and plots); "
+                    f"its README table is checked against its committed CSVs instead")
+    board = leaderboard.build(folder, args.target_acc, args.baseline)
+    table = leaderboard.claims(folder, args.claims) if args.claims else None
+    assert text == leaderboard.markdown(board, table), f"README table of `{cmd}` differs: rerun it and paste"
+
+
+@pytest.mark.parametrize("cmd, text", readme_tables())
+def test_readme_tables_equal_the_committed_csv_files(cmd, text):
+    args, folder = _args(cmd)
+    if list(folder.glob("*/summary.parquet")):
+        pytest.skip(f"{args.dir} holds its Parquet files: its README table is checked against those")
+    board = leaderboard.read_saved(folder / Path(args.output or "leaderboard.csv").name)
+    base = board[board["verdict"] == "baseline"] if "verdict" in board else board.iloc[:0]
+    if args.baseline is None:
+        assert "baseline" not in board, f"{cmd}: the committed leaderboard has a baseline; name it in the command"
+    else:
+        assert len(base) == 1 and args.baseline in (base["method"].iloc[0], base["method_title"].iloc[0])
+    table = leaderboard.read_saved(folder / "claims.csv") if args.claims else None
+    assert text == leaderboard.markdown(board, table), f"README table of `{cmd}` differs from {folder}'s CSVs"

@@ -52,7 +52,7 @@ def test_a_sweep_to_s3_reads_back_like_a_local_one(tmp_path, ray_session, monkey
         stored = keys(fs, "bucket/prefix")
         for name in ("rounds.parquet", "clients.parquet", "summary.parquet", "config.yaml"):
             assert f"s3_seed1/{name}" in stored and f"s3_seed2/{name}" in stored
-        assert "leaderboard.csv" in stored and "_tune/s3/sweep.json" in stored
+        assert "leaderboard.csv" in stored and "report.html" in stored and "_tune/s3/sweep.json" in stored
         assert any(k.startswith("plots/") and k.endswith(".png") for k in stored)
         assert any(k.startswith("_tune/s3/run-1/s3_seed1/") for k in stored)  # Tune's storage_path is in the bucket
         assert not any(k.startswith("_tune/s3/checkpoints/") for k in stored)  # finished: no checkpoint left
@@ -64,7 +64,7 @@ def test_a_sweep_to_s3_reads_back_like_a_local_one(tmp_path, ray_session, monkey
             monkeypatch.setenv(key, value)
         assert main(["leaderboard", "s3://bucket/prefix", "-o", str(tmp_path / "from_s3.csv")]) == 0
         assert main(["plot", "s3://bucket/prefix", "--plots-dir", str(tmp_path / "plots")]) == 0
-        assert len(list((tmp_path / "plots").glob("*.png"))) == 3
+        assert len(list((tmp_path / "plots").glob("*.png"))) == 4
         remote = leaderboard.build("s3://bucket/prefix")
         from harness.results import load as load_rows
 

@@ -97,7 +97,7 @@ def test_leaderboard_by_hand(tmp_path):
 def test_plots_are_written(tmp_path):
     fake_results(tmp_path)
     files = plot(tmp_path)
-    assert {f.name for f in files} == {"s_acc_vs_time.png", "s_acc_vs_round.png", "s_running_time.png"}
+    assert {f.name for f in files} == {"s_acc_vs_time.png", "s_acc_vs_round.png", "s_running_time.png", "s_pareto.png"}
     assert all(f.stat().st_size > 10_000 for f in files)
 
 
@@ -121,7 +121,7 @@ def test_leaderboard_and_plot_commands(tmp_path, capsys):
     assert main(["leaderboard", str(tmp_path / "res"), "-o", str(tmp_path / "lb.csv"), "--target-acc", "0.6"]) == 0
     assert pd.read_csv(tmp_path / "lb.csv")["method"].tolist() == ["a", "b"]
     assert main(["plot", str(tmp_path / "res")]) == 0
-    assert len(list((tmp_path / "res" / "plots").glob("*.png"))) == 3
+    assert len(list((tmp_path / "res" / "plots").glob("*.png"))) == 4
     capsys.readouterr()
     (tmp_path / "empty").mkdir()
     assert main(["leaderboard", str(tmp_path / "empty")]) == 2
@@ -164,6 +164,7 @@ def test_a_sweep_rerun_keeps_finished_runs_new_and_stops_on_a_changed_config(ray
     assert "sweep sw: 2/2 done, 0 running, 0 pending, 0 failed | rounds 4/4 | best acc" in err  # the live line
     first = experiment_files(out)
     assert {k.split("/")[0] for k in first} == {"sw_seed1", "sw_seed2"}
+    assert "95 % intervals over 2 seeds" in (out / "report.html").read_text()  # the sweep ends with its report
 
     assert main(["sweep", str(sweep_file), "--out", str(out)]) == 0  # nothing left to do
     assert "all 2 experiments are finished" in capsys.readouterr().err
@@ -177,6 +178,7 @@ def test_a_sweep_rerun_keeps_finished_runs_new_and_stops_on_a_changed_config(ray
     assert (out / "sw_seed3" / "summary.parquet").exists()
     assert sorted(json.loads((out / "_tune" / "sw" / "sweep.json").read_text())["experiments"]) == ["sw_seed1", "sw_seed2", "sw_seed3"]
     assert leaderboard.build(out)["seeds"].tolist() == [3]
+    assert "95 % intervals over 3 seeds" in (out / "report.html").read_text()  # refreshed by the resumed sweep
 
     sweep_file.write_text(RERUN.format(seeds=[1, 2, 3], lr=0.05))  # one grid value changed
     everything = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
