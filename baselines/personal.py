@@ -1,0 +1,86 @@
+"""What the personalised baselines (Per-FedAvg, Ditto, FedRep) share: their per-client accuracy
+columns and evaluation, and two mechanisms of the FedLPS authors' ports (github sunnyxuejj/FedLPS at
+35fafba2171fac0b0de374ffcd2a85eb40bc975e) that their `reference` variants mirror.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from harness.data import TEST_SET_SUFFIX, TEST_SETS
+from harness.records import ClientResult, Evaluation
+from harness.seeding import rng, seed_of
+
+# The accuracy of a client's personal model on its test sets, measured by the client after training.
+PERSONAL_COLUMNS = {f"acc_personal{TEST_SET_SUFFIX[kind]}": pa.float64() for kind in TEST_SETS}
+
+
+def personal_metrics(accuracies: dict[str, float]) -> dict[str, float]:
+    """The PERSONAL_COLUMNS of one client from `Workbench.accuracy_on_client`."""
+    return {f"acc_personal{TEST_SET_SUFFIX[kind]}": accuracies[kind] for kind in TEST_SETS}
+
+
+class PersonalAccuracies:
+    """The latest accuracy of every client's personal model, per test set, as its clients reported
+    it (a personal model changes only when its client trains, so the accuracy it measured then
+    holds until its next training); `fallback` (per test set, per client) where a client has none."""
+
+    def __init__(self, num_clients: int):
+        self.acc = {kind: np.full(num_clients, np.nan) for kind in TEST_SETS}
+
+    def record(self, results: list[ClientResult]) -> None:
+        for r in results:
+            if not r.trained:
+                continue
+            for kind in TEST_SETS:
+                value = r.metrics.get(f"acc_personal{TEST_SET_SUFFIX[kind]}", math.nan)
+                if not math.isnan(value):
+                    self.acc[kind][r.client_id] = value
+
+    def evaluation(self, fallback: dict[str, np.ndarray], global_view: Evaluation) -> Evaluation:
+        clients = {kind: np.where(np.isnan(self.acc[kind]), fallback[kind], self.acc[kind]) for kind in TEST_SETS}
+        return Evaluation(clients=clients, global_clients=global_view.clients, acc_global=global_view.acc_global)
+
+    def state_dict(self) -> dict[str, list[float]]:
+        return {kind: a.tolist() for kind, a in self.acc.items()}
+
+    def load_state_dict(self, state: dict[str, list[float]]) -> None:
+        self.acc = {kind: np.asarray(a, dtype=float) for kind, a in state.items()}
+
+
+# -- the FedLPS authors' ports ------------------------------------------------------------------------
+AUTHORS_NOISE = 0.001  # utils/options.py: --dp 0.001
+
+
+def with_authors_noise(state: dict[str, torch.Tensor], seed: int, method: str, rnd: int,
+                       std: float = AUTHORS_NOISE) -> dict[str, torch.Tensor]:
+    """agg/avg.py (`avg`, `average_weights`): Gaussian noise of std `dp` on every aggregated tensor,
+    drawn here from (seed, method, round)."""
+    gen = rng(seed, f"{method}-authors-noise", rnd)
+    return {k: v + std * torch.from_numpy(gen.standard_normal(tuple(v.shape))).to(v.dtype) if v.is_floating_point()
+            else v for k, v in state.items()}
+
+
+def own_initial_model(bench, client_id: int) -> dict[str, torch.Tensor]:
+    """The authors' clients each build their own model (`Client(local_net=all_models[...](...))`), a
+    fresh random initialisation that a client keeps until it trains: drawn here from (seed, client)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed_of(bench.cfg.seed, "authors-client-init", client_id))
+        model = bench.build(device="cpu")
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+
+def own_initial_accuracies(bench, state_of=None) -> dict[str, np.ndarray]:
+    """Every client's accuracy with its own initial model (`state_of(client_id, initial)` may replace
+    parts of it, e.g. FedRep's body), per test set."""
+    out = {kind: np.full(len(bench.clients), np.nan) for kind in TEST_SETS}
+    model = bench.build()
+    for cid in range(len(bench.clients)):
+        state = own_initial_model(bench, cid)
+        bench.load(model, state if state_of is None else state_of(cid, state))
+        for kind, acc in bench.accuracy_on_client(model, cid).items():
+            out[kind][cid] = acc
+    return out
