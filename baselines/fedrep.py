@@ -52,7 +52,7 @@ from pydantic import Field
 
 from baselines.personal import own_initial_model, with_authors_noise
 from harness.cost import training_flops
-from harness.data import TEST_SETS
+from harness.columns import TEST_SETS
 from harness.records import ClientResult, ClientTask, Evaluation
 from harness.seeding import torch_generator
 from harness.strategy import Client, MethodParams, Strategy

@@ -59,7 +59,7 @@ from baselines.fedavg import FedAvg, FedAvgClient
 from baselines.personal import (PERSONAL_COLUMNS, PersonalAccuracies, own_initial_accuracies, personal_metrics,
                                 with_authors_noise)
 from harness.cost import training_flops
-from harness.data import TEST_SETS
+from harness.columns import TEST_SETS
 from harness.models import build_model
 from harness.records import ClientResult, ClientTask, Evaluation
 from harness.seeding import torch_generator

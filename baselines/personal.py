@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from harness.data import TEST_SET_SUFFIX, TEST_SETS
+from harness.columns import TEST_SET_SUFFIX, TEST_SETS
 from harness.records import ClientResult, Evaluation
 from harness.seeding import rng, seed_of
 

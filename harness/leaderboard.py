@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from harness.columns import TEST_SET_SUFFIX, TEST_SETS, accuracy_column
+from harness.columns import VIEWS as VIEW_NAMES
 from harness.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -185,18 +186,30 @@ def view_columns() -> list[tuple[str, str, str]]:
     return [(tag, suffix, column + suffix) for suffix, _ in TESTS for tag, column in VIEWS]
 
 
+def p10_column(mean_column: str) -> str:
+    """The rounds column of the 10th percentile over clients beside a mean column of the same view
+    and test sets (acc_clients_mean_authors_tests -> acc_clients_p10_authors_tests)."""
+    for view in VIEW_NAMES:
+        for kind in TEST_SETS:
+            if mean_column == accuracy_column(view, "mean", kind):
+                return accuracy_column(view, "p10", kind)
+    raise KeyError(mean_column)
+
+
 def _runs(root: str | Path, say: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The usable runs (one row each, with `last10<tag><suffix>` per view) and their rounds."""
     summary, rounds = load_runs(root, say)
     rounds = rounds[rounds["experiment"].isin(summary["experiment"])].sort_values(["experiment", "round"])
     tail = rounds.groupby("experiment").tail(LAST).groupby("experiment")
     for tag, suffix, column in view_columns():
-        name = f"last10{tag}{suffix}"
-        if column in rounds:
-            means = tail[column].agg(lambda s: s.mean(skipna=False))
-            summary[name] = summary["experiment"].map(means).astype(float)
-        else:
-            summary[name] = math.nan
+        # the mean over clients, and their 10th percentile (the worst-off clients), each averaged
+        # over the run's last rounds
+        for name, source in ((f"last10{tag}{suffix}", column), (f"last10_p10{tag}{suffix}", p10_column(column))):
+            if source in rounds:
+                means = tail[source].agg(lambda s: s.mean(skipna=False))
+                summary[name] = summary["experiment"].map(means).astype(float)
+            else:
+                summary[name] = math.nan
     for col, fallback in (("method_title", "method_label"), ("setting_title", "setting")):
         summary[col] = summary[col].fillna(summary[fallback]) if col in summary else summary[fallback]
     return summary, rounds
@@ -229,9 +242,10 @@ def resolve(runs: pd.DataFrame, label: str, flag: str, single: bool) -> list[str
 def _summary_stats(runs: pd.DataFrame) -> dict:
     row = {}
     for tag, suffix, _ in view_columns():
-        mean, std, low, high, _ = mean_ci(runs[f"last10{tag}{suffix}"])
-        row.update({f"last10_acc{tag}_mean{suffix}": mean, f"last10_acc{tag}_std{suffix}": std,
-                    f"last10_acc{tag}_ci95_low{suffix}": low, f"last10_acc{tag}_ci95_high{suffix}": high})
+        for stem, run_column in (("last10_acc", f"last10{tag}{suffix}"), ("last10_p10", f"last10_p10{tag}{suffix}")):
+            mean, std, low, high, _ = mean_ci(runs[run_column])
+            row.update({f"{stem}{tag}_mean{suffix}": mean, f"{stem}{tag}_std{suffix}": std,
+                        f"{stem}{tag}_ci95_low{suffix}": low, f"{stem}{tag}_ci95_high{suffix}": high})
     for col in ("final_acc", "best_acc"):
         mean, std, *_ = mean_ci(runs[col])
         row.update({f"{col}_mean": mean, f"{col}_std": std})
@@ -328,6 +342,8 @@ def format_table(board: pd.DataFrame) -> str:
         shown = {"#": b["rank"], "method": b["method_title"], "seeds": b["seeds"],
                  "last-10 acc % (± 95% CI)": [_pm(*v) for v in zip(b.last10_acc_mean, b.last10_acc_ci95_low,
                                                                    b.last10_acc_ci95_high)]}
+        shown["p10 last-10 %"] = [_pm(*v) for v in zip(b.last10_p10_mean, b.last10_p10_ci95_low,
+                                                      b.last10_p10_ci95_high)]
         if has_global:
             shown["global last-10 %"] = [_pm(*v) for v in zip(b.last10_acc_global_mean, b.last10_acc_global_ci95_low,
                                                             b.last10_acc_global_ci95_high)]

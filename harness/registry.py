@@ -22,6 +22,9 @@ BUILT_IN = {
     "fedrolex": "baselines.fedrolex:FedRolex",
     "prunefl": "baselines.prunefl:PruneFL",
     "fedlps": "fedlps.strategy:FedLPS",
+    "perfedavg": "baselines.perfedavg:PerFedAvg",
+    "ditto": "baselines.ditto:Ditto",
+    "fedrep": "baselines.fedrep:FedRep",
 }
 
 
