@@ -40,7 +40,8 @@ def write_runs(root, methods=METHODS, seeds=SEEDS, new_columns=True, setting="s"
             if new_columns:
                 views.update(acc_global_clients_mean=np.r_[0.1, 0.1, glob[i] + WIGGLE],
                              acc_clients_mean_authors_tests=acc - 0.05,
-                             acc_global_clients_mean_authors_tests=np.r_[0.1, 0.1, glob[i] + WIGGLE] - 0.05)
+                             acc_global_clients_mean_authors_tests=np.r_[0.1, 0.1, glob[i] + WIGGLE] - 0.05,
+                             acc_clients_p10=acc - 0.3)
             rounds = pd.DataFrame({**ident, "round": range(12), **views,
                                    "sim_total_s": np.linspace(sim[i] / 12, sim[i], 12)})
             (root / exp).mkdir(parents=True)
@@ -66,6 +67,16 @@ def runs(tmp_path):
 
 def row(board, label):
     return board.set_index("method").loc[label]
+
+
+def test_last10_p10_is_summarised_like_the_mean(runs):
+    base = row(leaderboard.build(runs), "base")
+    mean, std, low, high = ci(BASE - 0.3)
+    assert base["last10_p10_mean"] == pytest.approx(mean)
+    assert base["last10_p10_std"] == pytest.approx(std)
+    assert (base["last10_p10_ci95_low"], base["last10_p10_ci95_high"]) == (pytest.approx(low), pytest.approx(high))
+    assert np.isnan(base["last10_p10_global_mean"])  # not recorded in these runs
+    assert "p10 last-10 %" in leaderboard.format_table(leaderboard.build(runs))
 
 
 def test_last10_statistics_over_seeds(runs):

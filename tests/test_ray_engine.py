@@ -46,6 +46,12 @@ METHODS = {
                 "method.initial_interval": 2, "method.initial_max_rounds": 4},
     "fedlps-paper": {"method.name": "fedlps"},
     "fedlps-reference": {"method.name": "fedlps", "method.variant": "reference"},
+    "perfedavg-hf": {"method.name": "perfedavg", "method.version": "hf"},
+    "perfedavg-reference": {"method.name": "perfedavg", "method.variant": "reference"},
+    "ditto": {"method.name": "ditto"},
+    "ditto-reference": {"method.name": "ditto", "method.variant": "reference"},
+    "fedrep": {"method.name": "fedrep", "method.head_epochs": 2},
+    "fedrep-reference": {"method.name": "fedrep", "method.variant": "reference"},
 }
 
 
