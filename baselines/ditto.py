@@ -121,7 +121,7 @@ class DittoClient(Client):
         return ClientResult(
             task.client_id, task.round, payload=trained, num_samples=len(global_job.y),
             train_loss=global_job.stats.loss, train_acc=global_job.stats.accuracy, keep_ratio=1.0,
-            flops=training_flops(forward, global_job.stats.samples) + training_flops(forward, personal_job.stats.samples),
+            flops=training_flops(forward, global_job.stats.samples + personal_job.stats.samples),
             bytes_up=size, bytes_down=size, metrics=personal_metrics(accuracies),
             state=None if p.variant == "reference" else {"personal": personal})
 
@@ -144,9 +144,9 @@ class Ditto(FedAvg):
         if self.params.variant == "reference" and kept:
             # Reference quirk (Ditto.py __main__ with agg/avg.py `avg`): full models aggregated as
             # updates: mean_k(w_k) + w^t, unweighted, plus noise.
-            mean = {k: torch.stack([r.payload[k].to(v.dtype) for r in kept]).mean(0) for k, v in self.global_state.items()}
-            self.global_state = with_authors_noise({k: mean[k] + v for k, v in self.global_state.items()},
-                                                   self.bench.cfg.seed, "ditto", rnd)
+            summed = {k: torch.stack([r.payload[k].to(v.dtype) for r in kept]).mean(0) + v
+                      for k, v in self.global_state.items()}
+            self.global_state = with_authors_noise(summed, self.bench.cfg.seed, "ditto", rnd)
         elif self.params.variant != "reference":
             super().aggregate(rnd, kept, dropped)
         self.personal.record(kept + dropped)

@@ -64,7 +64,7 @@ from harness.models import build_model
 from harness.records import ClientResult, ClientTask, Evaluation
 from harness.seeding import torch_generator
 from harness.strategy import MethodParams
-from harness.submodel import Contribution, aggregate, state_bytes
+from harness.submodel import state_bytes
 from harness.training import LocalJob, LocalRule
 
 
@@ -86,7 +86,8 @@ class PerFedAvgRule(LocalRule):
         return ops.sgd(params, outer)
 
 
-def step_batch_sizes(n: int, batch_size: int, epochs: int, per_step: int, max_steps: int | None = None) -> list[list[int]]:
+def step_batch_sizes(n: int, batch_size: int, epochs: int, per_step: int,
+                     max_steps: int | None = None) -> list[list[int]]:
     """The sizes of the minibatches of each local step (harness.batched.schedule.client_steps: a
     step takes the next `per_step` minibatches; those left over at the end make no step)."""
     per_epoch = [min(batch_size, n - start) for start in range(0, n, batch_size)]

@@ -251,7 +251,8 @@ def test_one_by_one_equals_batched(config, variant, precision):
         ta, tb = tensors_of(a), tensors_of(b)
         assert ta.keys() == tb.keys() and ta
         for k in ta:
-            assert torch.allclose(ta[k], tb[k], atol=precision.tol, rtol=precision.tol), (k, (ta[k] - tb[k]).abs().max())
+            tol = precision.tol
+            assert torch.allclose(ta[k], tb[k], atol=tol, rtol=tol), (k, (ta[k] - tb[k]).abs().max())
 
 
 # -- resuming ---------------------------------------------------------------------------------------------
