@@ -73,16 +73,19 @@ def test_per_fedavg_fo_and_hf_steps_by_hand():
     assert (float(hf["w1"]), float(hf["w2"])) == pytest.approx((1.035, -0.105))
 
 
-def test_per_fedavg_one_harness_step_equals_autograd_by_hand(config):
-    """One FO step of a real client through the harness (functional program) against torch.autograd
-    on the CNN: w~ = w - alpha grad(w; D), w - beta grad(w~; D')."""
-    cfg = config(**SMALL, **{"method.name": "perfedavg", "method.alpha": 0.05, "train.lr": 0.1})
+@pytest.mark.parametrize("version", ["fo", "hf"])
+def test_per_fedavg_one_harness_step_equals_autograd_by_hand(config, version):
+    """One step of a real client through the harness (functional program) against torch.autograd on
+    the CNN: w~ = w - alpha grad(w; D), g' = grad(w~; D'), FO: w - beta g', HF: w - beta (g' - alpha
+    Hess(w; D'') g')."""
+    cfg = config(**SMALL, **{"method.name": "perfedavg", "method.version": version, "method.alpha": 0.05,
+                             "train.lr": 0.1})
     bench, strategy = started(cfg)
     broadcast, tasks = round_tasks(bench, strategy, 0, [3])
     job = client_of(strategy).local_job(broadcast, tasks[0])
     job.max_steps = 1
     order = torch.randperm(len(job.y), generator=bench.generator(0, 3))  # the job's first epoch
-    d, d2 = order[:10], order[10:20]
+    d, d2, d3 = order[:10], order[10:20], order[20:30]
     from harness.batched.groups import train_alone
     train_alone(job, bench)
     model = bench.build()
@@ -94,11 +97,14 @@ def test_per_fedavg_one_harness_step_equals_autograd_by_hand(config):
 
     g = torch.autograd.grad(loss(w, d), w)
     adapted = [p - 0.05 * gi for p, gi in zip(w, g)]
-    g2 = torch.autograd.grad(loss(adapted, d2), adapted)
-    for n, p, gi in zip(names, w, g2):
-        expected = p.detach() - 0.1 * (gi + cfg.train.weight_decay * p.detach())
+    outer = [t.detach() for t in torch.autograd.grad(loss(adapted, d2), adapted)]
+    if version == "hf":
+        curvature = torch.autograd.grad(torch.autograd.grad(loss(w, d3), w, create_graph=True), w, grad_outputs=outer)
+        outer = [o - 0.05 * h for o, h in zip(outer, curvature)]
+    for n, p, o in zip(names, w, outer):
+        expected = p.detach() - 0.1 * (o + cfg.train.weight_decay * p.detach())
         assert torch.allclose(job.trained[n], expected, atol=1e-6), n
-    assert job.stats.steps == 1 and job.stats.samples == 20
+    assert job.stats.steps == 1 and job.stats.samples == (20 if version == "fo" else 30)
 
 
 def test_per_fedavg_costs(config):
