@@ -43,18 +43,16 @@ Its quirks, each implemented where the comment `Reference quirk` names it:
 """
 from __future__ import annotations
 
-from typing import Literal
 
 import torch
 from pydantic import Field
 
-from baselines.fedavg import FedAvg
-from baselines.personal import (PERSONAL_COLUMNS, PersonalAccuracies, own_initial_accuracies, personal_metrics,
-                                with_authors_noise)
+from baselines.fedavg import FedAvg, FedAvgParams, with_authors_noise
+from baselines.personal import PERSONAL_COLUMNS, PersonalAccuracies, own_initial_accuracies, personal_metrics
 from harness.cost import training_flops
 from harness.records import ClientResult, ClientTask
 from harness.seeding import torch_generator
-from harness.strategy import Client, MethodParams
+from harness.strategy import Client
 from harness.submodel import state_bytes
 from harness.training import LocalRule
 
@@ -79,8 +77,7 @@ class DittoNormRule(LocalRule):
         return self.lam * sum(torch.linalg.vector_norm(params[n] - anchor[n]) for n in anchor)
 
 
-class DittoParams(MethodParams):
-    variant: Literal["official", "reference"] = "official"
+class DittoParams(FedAvgParams):  # variant, reference_noise
     lam: float | None = Field(None, ge=0, allow_inf_nan=False,
                               description="weight of the proximal term (default: official 1, reference 0.001)")
 
@@ -146,7 +143,8 @@ class Ditto(FedAvg):
             # updates: mean_k(w_k) + w^t, unweighted, plus noise.
             summed = {k: torch.stack([r.payload[k].to(v.dtype) for r in kept]).mean(0) + v
                       for k, v in self.global_state.items()}
-            self.global_state = with_authors_noise(summed, self.bench.cfg.seed, "ditto", rnd)
+            self.global_state = with_authors_noise(summed, self.bench.cfg.seed, "ditto", rnd,
+                                                   self.params.reference_noise)
         elif self.params.variant != "reference":
             super().aggregate(rnd, kept, dropped)
         self.personal.record(kept + dropped)

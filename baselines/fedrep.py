@@ -43,24 +43,23 @@ Its quirks, each implemented where the comment `Reference quirk` names it:
 from __future__ import annotations
 
 import functools
-from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn as nn
 from pydantic import Field
 
-from baselines.personal import own_initial_model, with_authors_noise
+from baselines.fedavg import FedAvgParams, with_authors_noise
+from baselines.personal import own_initial_model
 from harness.cost import training_flops
 from harness.columns import TEST_SETS
 from harness.records import ClientResult, ClientTask, Evaluation
 from harness.seeding import torch_generator
-from harness.strategy import Client, MethodParams, Strategy
+from harness.strategy import Client, Strategy
 from harness.submodel import Contribution, aggregate, state_bytes
 
 
-class FedRepParams(MethodParams):
-    variant: Literal["official", "reference"] = "official"
+class FedRepParams(FedAvgParams):  # variant, reference_noise
     head_epochs: int | None = Field(None, gt=0, description="head epochs (default: official 10, reference 2)")
     body_epochs: int | None = Field(None, gt=0, description="body epochs (default: official 1, reference 5)")
 
@@ -151,7 +150,7 @@ class FedRep(Strategy):
         if reference and kept:
             # Reference quirk (agg/avg.py, avg): noise on the aggregated body.
             noisy = with_authors_noise({k: v for k, v in new_state.items() if k not in self.head},
-                                       self.bench.cfg.seed, "fedrep", rnd)
+                                       self.bench.cfg.seed, "fedrep", rnd, self.params.reference_noise)
             new_state.update(noisy)
         self.global_state = new_state
         return {}

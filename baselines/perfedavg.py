@@ -55,15 +55,13 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch.utils.flop_counter import FlopCounterMode
 
-from baselines.fedavg import FedAvg, FedAvgClient
-from baselines.personal import (PERSONAL_COLUMNS, PersonalAccuracies, own_initial_accuracies, personal_metrics,
-                                with_authors_noise)
+from baselines.fedavg import FedAvg, FedAvgClient, FedAvgParams
+from baselines.personal import PERSONAL_COLUMNS, PersonalAccuracies, own_initial_accuracies, personal_metrics
 from harness.cost import training_flops
 from harness.columns import TEST_SETS
 from harness.models import build_model
 from harness.records import ClientResult, ClientTask, Evaluation
 from harness.seeding import torch_generator
-from harness.strategy import MethodParams
 from harness.submodel import state_bytes
 from harness.training import LocalJob, LocalRule
 
@@ -114,8 +112,7 @@ def hvp_flops_per_sample(model_name: str, num_classes: int, image_shape: tuple[i
     return int(counter.get_total_flops())
 
 
-class PerFedAvgParams(MethodParams):
-    variant: Literal["official", "reference"] = "official"
+class PerFedAvgParams(FedAvgParams):  # variant, reference_noise
     version: Literal["fo", "hf"] = Field("fo", description="first-order (FO) or Hessian-free (HF) meta-step")
     alpha: float = Field(0.01, gt=0, allow_inf_nan=False,
                          description="the inner (personalisation) step size; beta is train.lr")
@@ -170,10 +167,9 @@ class PerFedAvg(FedAvg):
 
     def aggregate(self, rnd, kept, dropped):
         """Sample-weighted mean of the kept client models; dropped updates are lost."""
+        # reference: plus the authors' noise (agg/avg.py `average_weights`), as FedAvg's reference variant
         super().aggregate(rnd, kept, dropped)
         if self.params.variant == "reference":
-            # Reference quirk (agg/avg.py, average_weights): noise on the aggregate.
-            self.global_state = with_authors_noise(self.global_state, self.bench.cfg.seed, "perfedavg", rnd)
             # a dropped (late) client has trained its local_net all the same
             self.personal.record(kept + dropped)
         return {}

@@ -1,5 +1,5 @@
 """What the personalised baselines (Per-FedAvg, Ditto, FedRep) share: their per-client accuracy
-columns and evaluation, and two mechanisms of the FedLPS authors' ports (github sunnyxuejj/FedLPS at
+columns and evaluation, and the FedLPS authors' per-client initial models (github sunnyxuejj/FedLPS at
 35fafba2171fac0b0de374ffcd2a85eb40bc975e) that their `reference` variants mirror.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 
 from harness.columns import TEST_SET_SUFFIX, TEST_SETS
 from harness.records import ClientResult, Evaluation
-from harness.seeding import rng, seed_of
+from harness.seeding import seed_of
 
 # The accuracy of a client's personal model on its test sets, measured by the client after training.
 PERSONAL_COLUMNS = {f"acc_personal{TEST_SET_SUFFIX[kind]}": pa.float64() for kind in TEST_SETS}
@@ -51,19 +51,7 @@ class PersonalAccuracies:
         self.acc = {kind: np.asarray(a, dtype=float) for kind, a in state.items()}
 
 
-# -- the FedLPS authors' ports ------------------------------------------------------------------------
-AUTHORS_NOISE = 0.001  # utils/options.py: --dp 0.001
-
-
-def with_authors_noise(state: dict[str, torch.Tensor], seed: int, method: str, rnd: int,
-                       std: float = AUTHORS_NOISE) -> dict[str, torch.Tensor]:
-    """agg/avg.py (`avg`, `average_weights`): Gaussian noise of std `dp` on every aggregated tensor,
-    drawn here from (seed, method, round)."""
-    gen = rng(seed, f"{method}-authors-noise", rnd)
-    return {k: v + std * torch.from_numpy(gen.standard_normal(tuple(v.shape))).to(v.dtype) if v.is_floating_point()
-            else v for k, v in state.items()}
-
-
+# -- the FedLPS authors' ports (their aggregation noise: baselines.fedavg.with_authors_noise) ----------
 def own_initial_model(bench, client_id: int) -> dict[str, torch.Tensor]:
     """The authors' clients each build their own model (`Client(local_net=all_models[...](...))`), a
     fresh random initialisation that a client keeps until it trains: drawn here from (seed, client)."""
