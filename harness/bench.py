@@ -435,6 +435,22 @@ class _TimedEngine:
         self.engine.close()
 
 
+def _start_ray(attempts: int = 3) -> None:
+    """A local Ray, retried: on a loaded machine its raylet may miss Ray's fixed 30 s to register."""
+    import ray
+
+    from harness.ray_engine import connect
+
+    for attempt in range(attempts):
+        try:
+            connect()
+            return
+        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this
+            if "timed out during startup" not in str(e) or attempt == attempts - 1:
+                raise
+            ray.shutdown()
+
+
 def run_scale_bench(clients: int, clients_per_round: int = 100, rounds: int = 5, method: str = "fedavg",
                     executors: int = 2, cpus_per_executor: float = 1.0) -> dict:
     """A fresh experiment of the scale workload, timed from before anything is built:
@@ -455,6 +471,7 @@ def run_scale_bench(clients: int, clients_per_round: int = 100, rounds: int = 5,
 
     memory = PeakMemory()
     with tempfile.TemporaryDirectory(prefix="fedbench-scale-") as folder, memory:
+        _start_ray()
         cfg = scale_workload(clients, clients_per_round, rounds, method, executors, cpus_per_executor, folder)
         engine = _TimedEngine(RayEngine(cfg.engine))
         experiment = Experiment(cfg, engine=engine)
