@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 OUT ?= results/quickstart
 
-.PHONY: run test test-fast bench clean
+.PHONY: run test test-fast bench scale clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,13 @@ test-fast: $(BIN)/.installed   # without the slow end-to-end tests (clusters, ob
 
 bench: $(BIN)/.installed
 	$(BIN)/fedbench bench
+
+scale: $(BIN)/.installed   # the scale figures of README (results/scale): 10^3..10^7 clients, FedAvg and FedLPS
+	for n in 1000 10000 100000 1000000 10000000; do for m in fedavg fedlps; do \
+	  $(BIN)/fedbench bench --workload synthetic --clients $$n --clients-per-round 100 --rounds 3 --method $$m --json \
+	    > results/scale/synthetic_$${n}_$$m.json || exit 1; done; done
+	$(BIN)/python -m harness.bench plot results/scale
+	$(BIN)/python -m harness.bench table results/scale
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

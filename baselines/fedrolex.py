@@ -30,7 +30,6 @@ Variant `reference`: the FedLPS authors' port (sunnyxuejj/FedLPS at
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from baselines.heterofl import HeteroFL, HeteroFLClient
@@ -62,17 +61,18 @@ class FedRolex(HeteroFL):
 
     def setup(self, store):
         super().setup(store)
-        # reference variant: each client's selection count s, and per 1-D tensor a counter per coordinate
-        self.selections = np.zeros(len(self.bench.clients), dtype=np.int64)
+        # reference variant: each selected client's selection count s (absent: 0), and per 1-D tensor a
+        # counter per coordinate
+        self.selections: dict[int, int] = {}
         self.counters = ({k: torch.ones_like(v) for k, v in self.global_state.items() if v.dim() == 1}
                          if self.reference else {})
 
     def configure(self, rnd, clients):
         if not self.reference:
             return super().configure(rnd, clients)
-        shifts = [{"shift": int(self.selections[s.client_id])} for s in clients]
+        shifts = [{"shift": self.selections.get(s.client_id, 0)} for s in clients]
         for s in clients:
-            self.selections[s.client_id] += 1
+            self.selections[s.client_id] = self.selections.get(s.client_id, 0) + 1
         return self.global_state, shifts
 
     def contributions(self, kept) -> list[Contribution]:
@@ -89,10 +89,12 @@ class FedRolex(HeteroFL):
         return contributions
 
     def state_dict(self):
-        return {**super().state_dict(), "selections": self.selections.tolist(),
+        return {**super().state_dict(), "selections": dict(self.selections),
                 "counters": {k: v.clone() for k, v in self.counters.items()}}
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
-        self.selections = np.asarray(state["selections"], dtype=np.int64)
+        counts = state["selections"]  # a list over all clients in checkpoints before the dict
+        self.selections = {int(c): int(n) for c, n in (counts.items() if isinstance(counts, dict) else enumerate(counts))
+                           if n}
         self.counters = {k: v.clone() for k, v in state["counters"].items()}

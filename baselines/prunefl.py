@@ -280,7 +280,7 @@ class Settings:
         # long as its slowest client): a weight of layer l costs its training FLOPs over a round's
         # samples plus its 4 bytes of upload; c0 is the dense model's download and upload.
         slowest = min(cfg.devices.tiers, key=lambda t: t.compute_mflops)
-        samples = cfg.train.epochs * float(np.mean([c.num_samples for c in bench.clients]))
+        samples = cfg.train.epochs * bench.clients.mean_num_samples()
         self.time_per_weight = {
             n: client_time(slowest, cfg.devices, training_flops(self.layer_flops[n] / s.numel(), samples), 0, 4).total_s
             for n, s in self.shapes.items()}

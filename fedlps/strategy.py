@@ -323,8 +323,10 @@ class FedLPS(Strategy):
     def setup(self, store):
         super().setup(store)
         self.global_state = self.bench.init_global_state()
-        # per test-set construction, each client's latest personalised accuracy (NaN: none yet)
-        self.personal_acc = {kind: np.full(len(self.bench.clients), np.nan) for kind in TEST_SETS}
+        # per test-set construction, the latest personalised accuracy of each client the evaluation reports
+        # (bench.clients.eval_ids: all clients of a partition, a cohort of synthetic ones; NaN: none yet)
+        self.eval_position = {int(c): k for k, c in enumerate(self.bench.clients.eval_ids)}
+        self.personal_acc = {kind: np.full(len(self.eval_position), np.nan) for kind in TEST_SETS}
 
     @property
     def _bandit_class(self) -> type[PUCBV] | type[ReferencePUCBV]:
@@ -384,8 +386,8 @@ class FedLPS(Strategy):
                 continue
             for kind in TEST_SETS:
                 acc = r.metrics.get(f"acc_personal{TEST_SET_SUFFIX[kind]}", math.nan)
-                if not math.isnan(acc):
-                    self.personal_acc[kind][r.client_id] = acc
+                if not math.isnan(acc) and r.client_id in self.eval_position:
+                    self.personal_acc[kind][self.eval_position[r.client_id]] = acc
         return {}
 
     def evaluate(self, rnd):

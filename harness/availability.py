@@ -19,7 +19,6 @@ client was late and fewer than `per_round` were kept (the server waited for it i
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import numpy as np
 
 from harness.errors import ConfigError
 from harness.schema import sample_size  # noqa: F401 - re-exported for the round loop
-from harness.seeding import rng
+from harness.seeding import rng, uniform_at
 
 
 class Availability:
@@ -43,20 +42,53 @@ class Availability:
     def always(self) -> bool:
         return self.probability is None and self.trace is None
 
-    def online(self, rnd: int, tier_of: np.ndarray) -> np.ndarray:
-        """Bool per client: online in round `rnd` (`tier_of`: each client's tier index that round)."""
-        online = np.ones(self.num_clients, dtype=bool)
+    def online(self, rnd: int, tier_of: np.ndarray, ids=None) -> np.ndarray:
+        """Bool per client of `ids` (default: every client): online in round `rnd` (`tier_of`: each
+        one's tier index that round). A client's draw is the same whichever clients are asked about."""
+        everyone = ids is None
+        ids = np.arange(self.num_clients) if everyone else np.asarray(ids, dtype=np.int64).reshape(-1)
+        online = np.ones(len(ids), dtype=bool)
         if self.probability is not None:
-            online &= rng(self.seed, "online", rnd).random(self.num_clients) < self.probability[tier_of]
+            draws = rng(self.seed, "online", rnd).random(self.num_clients) if everyone else \
+                uniform_at(ids, self.seed, "online", rnd)
+            online &= draws < self.probability[tier_of]
         if self.trace is not None:
             r = rnd % self.period if self.period else rnd
             named, intervals = self.trace
-            in_trace = np.zeros(self.num_clients, dtype=bool)
-            for cid, start, end in intervals:
-                if start <= r <= end:
-                    in_trace[cid] = True
-            online &= in_trace | ~named
+            in_trace = {cid for cid, start, end in intervals if start <= r <= end}
+            online &= np.array([c in in_trace or c not in named for c in ids.tolist()], dtype=bool)
         return online
+
+
+def sample_clients(rnd: int, seed: int, num_clients: int, wanted: int, availability: Availability, devices):
+    """(sampled client ids in increasing order, their tier indices) of round `rnd`: `wanted` clients
+    drawn uniformly without replacement from those online, or all online ones if fewer.
+
+    Always online: numpy's choice(num_clients, wanted) (O(wanted) for large populations). Otherwise,
+    up to MATERIALISE clients, the choice among the online set; above, candidates are drawn in
+    batches (uniform, without repeats) and checked until `wanted` are online: the same distribution,
+    O(wanted / fraction online), no array over the population (unless a quarter of it was checked
+    without finding `wanted` online: then the choice among the online set)."""
+    gen = rng(seed, "sample", rnd)
+    if availability.always:
+        sampled = np.sort(gen.choice(num_clients, min(wanted, num_clients), replace=False))
+    else:
+        seen: set[int] = set()
+        kept: list[int] = []
+        while num_clients > MATERIALISE and len(kept) < wanted and len(seen) < num_clients // 4:
+            batch = list(dict.fromkeys(c for c in gen.integers(num_clients, size=2 * wanted).tolist() if c not in seen))
+            seen.update(batch)
+            ok = availability.online(rnd, devices.tiers_of(rnd, batch), batch)
+            kept += [c for c, up in zip(batch, ok) if up][:wanted - len(kept)]
+        if len(kept) < wanted:  # a small population, or one with few clients online: draw among all online
+            every = np.arange(num_clients)
+            online = every[availability.online(rnd, devices.tiers_for_round(rnd), every)]
+            kept = gen.choice(online, min(wanted, len(online)), replace=False).tolist()
+        sampled = np.sort(np.array(kept, dtype=np.int64))
+    return sampled, devices.tiers_of(rnd, sampled)
+
+
+MATERIALISE = 100_000  # up to this many clients a round's online set is cheap to draw whole
 
 
 def _read_trace(path: str, num_clients: int):
@@ -79,9 +111,7 @@ def _read_trace(path: str, num_clients: int):
         c, s, e = bad[0]
         raise ConfigError("devices.availability_trace", f"{path}: row client {c}, rounds {s}..{e}: needs "
                                                         f"0 <= client_id < {num_clients} and 0 <= start_round <= end_round")
-    named = np.zeros(num_clients, dtype=bool)
-    named[[c for c, _, _ in rows]] = True
-    return named, rows
+    return {c for c, _, _ in rows}, rows
 
 
 @dataclass
@@ -106,6 +136,8 @@ def round_outcome(times: dict[int, float], per_round: int, deadline_s: float | N
     return Outcome(sorted(kept), late, sorted(not_kept), duration)
 
 
-def tiebreak_order(seed: int, rnd: int, num_clients: int) -> np.ndarray:
-    """Per client, its place among clients that finish at the same simulated time in round `rnd`."""
-    return rng(seed, "tiebreak", rnd).random(num_clients)
+def tiebreak_order(seed: int, rnd: int, ids) -> dict[int, float]:
+    """Per client of `ids`, its place among clients that finish at the same simulated time in round
+    `rnd` (the draws of rng(seed, "tiebreak", rnd).random(clients) at those ids)."""
+    ids = [int(c) for c in ids]
+    return dict(zip(ids, uniform_at(ids, seed, "tiebreak", rnd).tolist()))

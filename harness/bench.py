@@ -162,8 +162,8 @@ def _rounds(bench: Workbench, rounds: int):
     strategy.setup(MemoryStore())
     for rnd in range(rounds + 1):
         sampled = np.sort(rng(cfg.seed, "sample", rnd).choice(cfg.clients.total, cfg.clients.per_round, replace=False))
-        tiers = bench.devices.tiers_for_round(rnd)
-        slots = [ClientSlot(int(c), cfg.devices.tiers[tiers[c]], bench.clients[c].num_samples) for c in sampled]
+        tiers = bench.devices.tiers_of(rnd, sampled)
+        slots = [ClientSlot(int(c), cfg.devices.tiers[t], bench.clients.num_samples(int(c))) for c, t in zip(sampled, tiers)]
         broadcast, instructions = strategy.configure(rnd, slots)
         results = yield rnd, broadcast, [ClientTask(s.client_id, rnd, s.tier, i) for s, i in zip(slots, instructions)]
         strategy.aggregate(rnd, [r for r in results if r.ok], [r for r in results if not r.ok])
@@ -396,3 +396,177 @@ def print_bench(result: dict, as_json: bool) -> None:
               f"same training: {'yes' if r['plain_same_training'] else 'NO'}")
     print(f"  peak memory of the process tree during the Ray run: {r['peak_rss_mb']:.0f} MB summed RSS, "
           f"{r['peak_pss_mb']:.0f} MB summed PSS (shared pages counted once)")
+
+
+# -- the scale workload --------------------------------------------------------------------------------
+def scale_workload(clients: int, clients_per_round: int, rounds: int, method: str, executors: int,
+                   cpus_per_executor: float, out: str):
+    """Synthetic(0.5, 0.5), FedProx's multinomial logistic regression, 1 local epoch of batch 10 at
+    lr 0.05, five device tiers, on the Ray engine; per-client accuracy over the fixed cohort of 1000
+    clients every round."""
+    engine = {"backend": "ray", "executors": executors, "cpus_per_executor": cpus_per_executor, "device": "cpu",
+              "batch_clients": False, "start_timeout_s": 600}
+    raw = {"name": "scale", "seed": 1, "rounds": rounds, "out": out, "checkpoint_every": 0,
+           "data": {"dataset": "synthetic", "alpha": 0.5, "beta": 0.5},
+           "clients": {"total": clients, "per_round": clients_per_round}, "model": {"name": "mlr"},
+           "train": {"epochs": 1, "batch_size": 10, "lr": 0.05}, "method": {"name": method}, "engine": engine}
+    if method == "fedlps":
+        raw["method"]["variant"] = "paper"
+    return expand(raw)[0][0]
+
+
+class _TimedEngine:
+    """The Ray engine, noting when its pool is up and how long each round's client work takes."""
+
+    def __init__(self, engine):
+        self.engine, self.name, self.started_at, self.run_s = engine, engine.name, None, []
+
+    def start(self, bench, strategy=None):
+        self.engine.start(bench, strategy)
+        self.started_at = time.time()
+
+    def run(self, broadcast, tasks):
+        start = time.perf_counter()
+        results = self.engine.run(broadcast, tasks)
+        self.run_s.append(time.perf_counter() - start)
+        return results
+
+    def close(self):
+        self.engine.close()
+
+
+def _start_ray(attempts: int = 3) -> None:
+    """A local Ray, retried: on a loaded machine its raylet may miss Ray's fixed 30 s to register."""
+    import ray
+
+    from harness.ray_engine import connect
+
+    for attempt in range(attempts):
+        try:
+            connect()
+            return
+        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this
+            if "timed out during startup" not in str(e) or attempt == attempts - 1:
+                raise
+            ray.shutdown()
+
+
+def run_scale_bench(clients: int, clients_per_round: int = 100, rounds: int = 5, method: str = "fedavg",
+                    executors: int = 2, cpus_per_executor: float = 1.0) -> dict:
+    """A fresh experiment of the scale workload, timed from before anything is built:
+    - startup_s: from the start of this process (its imports included) until the first round starts
+      (after the Workbench, the strategy, Ray and its executor pool);
+    - per round: round_s (its wall time, rounds.parquet's wall_s), train_s (the engine's call: the
+      executors' client work as the driver waits for it) and the rest, the harness's own work
+      (sampling, tiers, configure, the state store, aggregation, evaluation, records);
+      overhead_fraction = 1 - train_s / round_s, the median over the rounds after round 0 (round 0
+      also builds the evaluation cohort's test set: its time is reported as first_round_s);
+    - peak_pss_mb / peak_rss_mb: the memory of the whole process tree (this process, Ray's processes,
+      the executors), sampled every 0.1 s by a thread from start to end (PeakMemory)."""
+    import ray
+    import torch
+
+    from harness.experiment import Experiment
+    from harness.ray_engine import RayEngine
+
+    memory = PeakMemory()
+    with tempfile.TemporaryDirectory(prefix="fedbench-scale-") as folder, memory:
+        _start_ray()
+        cfg = scale_workload(clients, clients_per_round, rounds, method, executors, cpus_per_executor, folder)
+        engine = _TimedEngine(RayEngine(cfg.engine))
+        experiment = Experiment(cfg, engine=engine)
+        try:
+            experiment.run()
+        finally:
+            engine.close()
+        startup_s = engine.started_at - psutil.Process().create_time()
+        rows = experiment.rounds
+    rounds_s = [r["wall_s"] for r in rows]
+    fractions = [1 - t / r for t, r in zip(engine.run_s[1:], rounds_s[1:])]
+    return {
+        "workload": "synthetic", "clients": clients, "clients_per_round": clients_per_round, "method": method,
+        "rounds": rounds, "executors": executors, "cpus_per_executor": cpus_per_executor,
+        "startup_s": round(startup_s, 2), "first_round_s": round(rounds_s[0], 3),
+        "round_s_median": round(statistics.median(rounds_s[1:]), 4),
+        "train_s_median": round(statistics.median(engine.run_s[1:]), 4),
+        "overhead_fraction": round(statistics.median(fractions), 4),
+        "peak_pss_mb": round(memory.peak_pss / 2**20, 1), "peak_rss_mb": round(memory.peak_rss / 2**20, 1),
+        "final_acc": round(rows[-1]["acc_clients_mean"], 4),
+        "data": "Synthetic(0.5, 0.5), model mlr, 1 epoch, batch 10, lr 0.05; accuracy over a cohort of 1000",
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
+                    "torch": torch.__version__, "ray": ray.__version__},
+    }
+
+
+def print_scale(result: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result))
+        return
+    r = result
+    print(f"synthetic workload: {r['clients']:,} clients, {r['clients_per_round']} per round, {r['method']}, "
+          f"{r['rounds']} rounds on {r['executors']} Ray executors x {r['cpus_per_executor']:g} CPU")
+    print(f"  start-up to the first round   {r['startup_s']:.1f} s")
+    print(f"  round (median after round 0)  {r['round_s_median']:.3f} s, of which client training "
+          f"{r['train_s_median']:.3f} s: overhead {100 * r['overhead_fraction']:.1f} %")
+    print(f"  peak memory of the process tree: {r['peak_pss_mb']:.0f} MB PSS ({r['peak_rss_mb']:.0f} MB summed RSS)")
+
+
+def plot_scale(folder: str | Path) -> Path:
+    """results/scale/scale.png: start-up, peak PSS and round time against the number of clients, a
+    line per method, from the JSON files of `fedbench bench --workload synthetic --json` in `folder`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder = Path(folder)
+    runs = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    runs = [r for r in runs if r.get("workload") == "synthetic"]
+    if not runs:
+        raise UserError(str(folder), "holds no JSON result of `fedbench bench --workload synthetic --json`")
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    panels = [("startup_s", "start-up to round 0 (s)"), ("peak_pss_mb", "peak PSS of the process tree (MB)"),
+              ("round_s_median", "round time, median (s)")]
+    for method in sorted({r["method"] for r in runs}):
+        mine = sorted((r for r in runs if r["method"] == method), key=lambda r: r["clients"])
+        for ax, (key, label) in zip(axes, panels):
+            ax.plot([r["clients"] for r in mine], [r[key] for r in mine], marker="o", label=method)
+            if key == "round_s_median":
+                ax.plot([r["clients"] for r in mine], [r["train_s_median"] for r in mine], ls="--", marker=".",
+                        label=f"{method}: client training")
+    for ax, (key, label) in zip(axes, panels):
+        ax.set_xscale("log")
+        ax.set_xlabel("clients")
+        ax.set_ylabel(label)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    axes[2].legend(fontsize=7)
+    r = runs[0]
+    fig.suptitle(f"Synthetic(0.5, 0.5), {r['clients_per_round']} clients per round, Ray engine "
+                 f"({r['executors']} executors x {r['cpus_per_executor']:g} CPU), {r['machine']['cpus']}-core machine")
+    fig.tight_layout()
+    out = folder / "scale.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def scale_table(folder: str | Path) -> str:
+    """The README's table of the scale runs in `folder` (markdown), by method and population."""
+    runs = sorted((json.loads(p.read_text()) for p in Path(folder).glob("*.json")),
+                  key=lambda r: (r["method"], r["clients"]))
+    lines = ["| method | clients | start-up s | peak PSS MB | summed RSS MB | round s (median) | client training s | "
+             "overhead % |", "|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        lines.append(f"| {r['method']} | {r['clients']:,} | {r['startup_s']:.1f} | {r['peak_pss_mb']:.0f} | "
+                     f"{r['peak_rss_mb']:.0f} | {r['round_s_median']:.2f} | {r['train_s_median']:.2f} | "
+                     f"{100 * r['overhead_fraction']:.1f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m harness.bench plot|table results/scale
+    if sys.argv[1:2] in (["plot"], ["table"]) and len(sys.argv) == 3:
+        print(plot_scale(sys.argv[2]) if sys.argv[1] == "plot" else scale_table(sys.argv[2]))
+    else:
+        sys.exit("usage: python -m harness.bench plot|table FOLDER")

@@ -52,7 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "multiprocessing pool doing exactly the same training (the hardware limit) and on the Ray engine, "
                     "and report median seconds per round after a warm-up round and the peak resident memory of the "
                     "whole process tree.")
-    b.add_argument("--workload", choices=["mnist", "cifar"], default="mnist", help="what to train (default mnist)")
+    b.add_argument("--workload", choices=["mnist", "cifar", "synthetic"], default="mnist",
+                   help="what to train (default mnist); synthetic: the cross-device scale benchmark instead: one "
+                        "experiment on Synthetic(0.5, 0.5) clients generated on demand (any --clients), FedProx's "
+                        "logistic regression, on the Ray engine, reporting start-up time, peak PSS of the process "
+                        "tree and the round's time outside client training")
+    b.add_argument("--method", choices=["fedavg", "fedlps"], default="fedavg",
+                   help="synthetic workload: the method (default fedavg; fedlps: the paper variant)")
     b.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="where to train (default cpu); with cuda the Ray executors share one GPU in equal parts")
     b.add_argument("--epochs", type=int, default=1, help="local epochs per client and round (default 1)")
@@ -127,6 +133,16 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("-o", "--output", "--plots-dir", dest="output",
                     help="folder (or URI) for the PNG files (default: DIR/plots)")
     sub.add_parser("methods", help="list the available methods and their parameters")
+    d = sub.add_parser("data", help="data set tools: leaf2npz converts LEAF's JSON into an npz with client ids")
+    dsub = d.add_subparsers(dest="data_command", required=True, metavar="TOOL", parser_class=_Parser)
+    leaf = dsub.add_parser(
+        "leaf2npz", help="LEAF JSON (DIR/train/*.json, DIR/test/*.json) -> npz for data.split kind natural",
+        description="Convert LEAF's output for an image data set (FEMNIST, CelebA-style pixel arrays) into an npz "
+                    "file holding x_train, y_train, x_test, y_test (uint8 images), client_train and client_test "
+                    "(each sample's client id) and users; use it with data.dataset=npz:OUT and data.split.kind=natural.")
+    leaf.add_argument("dir", help="LEAF data folder holding train/ and test/")
+    leaf.add_argument("out", help="the npz file to write")
+    leaf.add_argument("--shape", help="image shape HxW or HxWxC (default: square, 1 or 3 channels)")
     return parser
 
 
@@ -188,6 +204,14 @@ def _run_experiments(experiments, specs, outs, args) -> int:
     return 1 if failed else 0
 
 
+def cmd_data(args) -> int:
+    from harness.leaf import leaf_to_npz
+
+    counts = leaf_to_npz(args.dir, args.out, args.shape)
+    print(f"{args.out}: {counts['users']} clients, {counts['train']} training and {counts['test']} test samples")
+    return 0
+
+
 def cmd_methods(args) -> int:
     from harness.registry import available_methods, method_class
 
@@ -200,7 +224,7 @@ def cmd_methods(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from harness.bench import SYNTHETIC_CIFAR, print_bench, require_device, run_bench
+    from harness.bench import SYNTHETIC_CIFAR, print_bench, print_scale, require_device, run_bench, run_scale_bench
 
     for flag in ("clients_per_round", "rounds", "clients", "executors", "epochs"):
         if getattr(args, flag) <= 0:
@@ -211,6 +235,15 @@ def cmd_bench(args) -> int:
         raise UserError("--clients", "the embedded 4000 training images allow at most 2000 clients of 2 images")
     if args.workload == "cifar" and args.clients > SYNTHETIC_CIFAR["train"] // 2:
         raise UserError("--clients", f"the cifar workload allows at most {SYNTHETIC_CIFAR['train'] // 2} clients")
+    if args.workload == "synthetic":
+        if args.rounds < 2:
+            raise UserError("--rounds", "the synthetic workload times the rounds after round 0: give at least 2")
+        if args.device != "cpu":
+            raise UserError("--device", "the synthetic workload runs on the CPU")
+        result = run_scale_bench(args.clients, args.clients_per_round, args.rounds, args.method, args.executors,
+                                 args.cpus_per_executor)
+        print_scale(result, args.json)
+        return 0
     require_device(args.device)
     result = run_bench(args.clients_per_round, args.rounds, args.clients, args.executors, args.cpus_per_executor,
                        args.workload, args.device, args.epochs)
@@ -322,7 +355,7 @@ def cmd_plot(args) -> int:
 
 
 COMMANDS = {"run": cmd_run, "bench": cmd_bench, "sweep": cmd_sweep, "leaderboard": cmd_leaderboard,
-            "plot": cmd_plot, "report": cmd_report, "methods": cmd_methods}
+            "plot": cmd_plot, "report": cmd_report, "methods": cmd_methods, "data": cmd_data}
 
 
 def main(argv: list[str] | None = None) -> int:

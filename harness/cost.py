@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from harness.config import DevicesConfig, Tier
 from harness.errors import ConfigError
 from harness.models import build_model
-from harness.seeding import rng
+from harness.seeding import rng, uniform_at
 
 
 class FlopMeter:
@@ -89,7 +89,12 @@ def client_time(tier: Tier, devices: DevicesConfig, flops: float, bytes_down: fl
 
 class DeviceAssigner:
     """Which tier each client has in a round: drawn from the tier proportions once (`fixed`) or every
-    round (`dynamic`), seeded; a trace file (CSV: client_id, tier and optionally round) overrides."""
+    round (`dynamic`), seeded; a trace file (CSV: client_id, tier and optionally round) overrides.
+
+    A client's tier is a function of (seed, client) or (seed, round, client) alone: `tiers_of` draws
+    it for the clients asked about only (the round's sample), never for the whole population; it
+    gives the same tiers as drawing all of them (`tiers_for_round`, numpy's choice over all clients).
+    """
 
     def __init__(self, devices: DevicesConfig, num_clients: int, seed: int):
         self.tiers = devices.tiers
@@ -98,11 +103,12 @@ class DeviceAssigner:
         self.seed = seed
         p = np.array([t.proportion for t in self.tiers], dtype=float)
         self.probabilities = p / p.sum()
-        self.fixed = self._draw(rng(seed, "tiers"))
+        self.cdf = self.probabilities.cumsum()
+        self.cdf /= self.cdf[-1]  # as numpy's choice(p=...) maps its uniform draws
         self.trace = self._read_trace(devices.trace) if devices.trace else None
 
-    def _draw(self, gen: np.random.Generator) -> np.ndarray:
-        return gen.choice(len(self.tiers), size=self.num_clients, p=self.probabilities)
+    def _stream(self, rnd: int) -> tuple:
+        return (self.seed, "tiers") if self.assignment == "fixed" else (self.seed, "tiers", rnd)
 
     def _read_trace(self, path: str) -> dict[tuple[int, int | None], int]:
         import pandas as pd
@@ -133,11 +139,22 @@ class DeviceAssigner:
         trace.update({k: names[str(t)] for k, t in zip(keys, df["tier"]) if k[1] is not None})
         return trace
 
+    def tiers_of(self, rnd: int, ids) -> np.ndarray:
+        """The tier index of each client in `ids` in round `rnd`."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        return self._traced(rnd, ids, self.cdf.searchsorted(uniform_at(ids, *self._stream(rnd)), side="right"))
+
     def tiers_for_round(self, rnd: int) -> np.ndarray:
-        tiers = self.fixed if self.assignment == "fixed" else self._draw(rng(self.seed, "tiers", rnd))
+        """Every client's tier in round `rnd` (O(clients): for tests and small populations)."""
+        ids = np.arange(self.num_clients)
+        return self._traced(rnd, ids, self.cdf.searchsorted(rng(*self._stream(rnd)).random(self.num_clients),
+                                                             side="right"))
+
+    def _traced(self, rnd: int, ids: np.ndarray, tiers: np.ndarray) -> np.ndarray:
+        tiers = tiers.astype(np.int64)
         if self.trace:
-            tiers = tiers.copy()
-            for (cid, r), t in self.trace.items():
-                if (r is None or r == rnd) and 0 <= cid < self.num_clients:
-                    tiers[cid] = t
+            for k, cid in enumerate(ids.tolist()):
+                t = self.trace.get((cid, rnd), self.trace.get((cid, None)))
+                if t is not None:
+                    tiers[k] = t
         return tiers

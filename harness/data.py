@@ -216,6 +216,104 @@ class ClientData:
         return self.tests["mirrored"]
 
 
+class Ragged:
+    """A list of integer arrays as one array and offsets (a few arrays, not an object per entry)."""
+
+    def __init__(self, parts: list[np.ndarray]):
+        self.offsets = np.zeros(len(parts) + 1, dtype=np.int64)
+        np.cumsum([len(p) for p in parts], out=self.offsets[1:])
+        self.values = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        return self.values[self.offsets[k]:self.offsets[k + 1]]
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+class Partition:
+    """The clients of a data set held in memory (`Dataset`): per client, indices into its training
+    set (train and validation) and into its test set (one set per construction of TEST_SETS), and
+    the labels it owns, each kept as offsets into a few concatenated arrays. `clients[c]` builds
+    client c's ClientData (views, no copies) when asked.
+
+    The interface every client population offers (also harness.synthetic.SyntheticClients): len(),
+    clients[c], num_samples(c), classes(c), train_data(c), test_data(kind, c), eval_ids (the clients
+    every evaluation reports: here all of them), eval_set(), training_batches(), mean_num_samples()."""
+
+    def __init__(self, train: Ragged, val: Ragged, tests: dict[str, Ragged], classes: Ragged,
+                 dataset: Dataset | None = None):
+        self.train, self.val, self.tests, self.owned_classes = train, val, tests, classes
+        self.dataset = dataset
+        self.eval_ids = np.arange(len(train))
+
+    def with_dataset(self, dataset: Dataset) -> Partition:
+        return Partition(self.train, self.val, self.tests, self.owned_classes, dataset)
+
+    def __len__(self) -> int:
+        return len(self.train)
+
+    def __getitem__(self, c: int) -> ClientData:
+        if not 0 <= c < len(self):
+            raise IndexError(f"client {c} of {len(self)}")
+        return ClientData(train=self.train[c], val=self.val[c], tests={k: t[c] for k, t in self.tests.items()},
+                          classes=self.owned_classes[c])
+
+    def __iter__(self):
+        return (self[c] for c in range(len(self)))
+
+    def num_samples(self, c: int) -> int:
+        return int(self.train.offsets[c + 1] - self.train.offsets[c])
+
+    def mean_num_samples(self) -> float:
+        return float(self.train.lengths().mean())
+
+    def classes(self, c: int) -> np.ndarray:
+        return self.owned_classes[c]
+
+    def train_data(self, c: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """Client c's training images (normalised on `device`, float) and labels."""
+        idx = torch.from_numpy(self.train[c])
+        return self.dataset.normalize(self.dataset.x_train[idx].to(device)), self.dataset.y_train[idx].to(device)
+
+    def test_data(self, kind: str, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Client c's test images of construction `kind`, raw (normalise with eval_set's function)."""
+        idx = torch.from_numpy(self.tests[kind][c])
+        return self.dataset.x_test[idx], self.dataset.y_test[idx]
+
+    def eval_set(self) -> EvalSet:
+        return EvalSet(self.dataset.x_test, self.dataset.y_test, self.dataset.normalize, dict(self.tests))
+
+    def training_batches(self, batch_size: int = 500):
+        """Every client's training images, normalised, in batches (static BN statistics)."""
+        idx = torch.from_numpy(self.train.values)
+        for start in range(0, len(idx), batch_size):
+            yield self.dataset.normalize(self.dataset.x_train[idx[start:start + batch_size]])
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """What an evaluation runs on: a test set (raw inputs, labels, the inputs' normalisation) and,
+    per construction, each evaluated client's test samples as indices into it (in eval_ids order)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    normalize: object
+    index: dict[str, Ragged]
+
+    def per_client_mean(self, correct: torch.Tensor, kind: str) -> np.ndarray:
+        """Per evaluated client, the mean of `correct` (bool per test sample) over its samples (NaN: none)."""
+        r = self.index[kind]
+        lengths = r.lengths()
+        sums = np.bincount(np.repeat(np.arange(len(r)), lengths), weights=correct.numpy()[r.values], minlength=len(r))
+        # in float32, as torch's mean of the bools as floats: the same numbers as one client at a time
+        means = (sums.astype(np.float32) / np.maximum(lengths, 1).astype(np.float32)).astype(np.float64)
+        return np.where(lengths > 0, means, np.nan)
+
+
 def _shards(labels: np.ndarray, split: SplitConfig, num_clients: int, gen: np.random.Generator):
     num_shards = len(labels) // split.shard_size
     needed = num_clients * split.shards_per_client
@@ -259,7 +357,7 @@ def _iid(labels: np.ndarray, split: SplitConfig, num_clients: int, gen: np.rando
 
 
 def partition(y_train: np.ndarray, y_test: np.ndarray, split: SplitConfig, num_clients: int,
-              seed: int) -> list[ClientData]:
+              seed: int) -> Partition:
     """Split the training set over clients; a pure function of (labels, split settings, seed).
 
     Each client's images are shuffled and cut into train and validation (split.val_fraction). It gets
@@ -274,7 +372,7 @@ def partition(y_train: np.ndarray, y_test: np.ndarray, split: SplitConfig, num_c
     test_by_class = {c: np.flatnonzero(y_test == c) for c in np.unique(y_test)}
     test_sorted = np.argsort(y_test, kind="stable")
     block = len(y_test) // (int(max(y_train.max(initial=0), y_test.max(initial=0))) + 1)
-    clients = []
+    train, val, mirrored_sets, authors_sets, owned_classes = [], [], [], [], []
     for cid, idx in enumerate(owned):
         gen = rng(seed, "client-data", cid)
         idx = gen.permutation(idx)
@@ -286,9 +384,56 @@ def partition(y_train: np.ndarray, y_test: np.ndarray, split: SplitConfig, num_c
         mirrored = np.sort(np.concatenate(test)).astype(np.int64)
         per_label = [split.shard_size] * len(classes) if split.kind == "shards" else counts
         authors = authors_test_set(test_sorted, block, classes, per_label, rng(seed, "authors-tests", cid))
-        clients.append(ClientData(train=np.sort(idx[n_val:]), val=np.sort(idx[:n_val]),
-                                  tests={"mirrored": mirrored, "authors": authors}, classes=classes))
-    return clients
+        train.append(np.sort(idx[n_val:]))
+        val.append(np.sort(idx[:n_val]))
+        mirrored_sets.append(mirrored)
+        authors_sets.append(authors)
+        owned_classes.append(classes)
+    return Partition(Ragged(train), Ragged(val), {"mirrored": Ragged(mirrored_sets), "authors": Ragged(authors_sets)},
+                     Ragged(owned_classes))
+
+
+def natural_partition(path: str, y_train: np.ndarray, y_test: np.ndarray, split: SplitConfig, num_clients: int,
+                      seed: int) -> Partition:
+    """Clients as the data set's file says (`data.split.kind: natural`): the npz holds, beside
+    x_*/y_*, `client_train` and `client_test`, each sample's client id (any integers). The clients
+    are the distinct ids of `client_train` in increasing order, the first `clients.total` of them
+    used; each one's samples are shuffled and cut into train and validation (split.val_fraction) as
+    for the other splits, and its test samples are those `client_test` gives it (both test-set
+    constructions, `mirrored` and `authors`, are these natural ones; a client without any has none)."""
+    p = Path(path).expanduser()
+    try:
+        with np.load(p) as d:
+            missing = [k for k in ("client_train", "client_test") if k not in d.files]
+            if missing:
+                raise ConfigError("data.split.kind", f"natural needs arrays client_train and client_test in "
+                                                     f"{p.name}, which lacks {', '.join(missing)}")
+            owner_train, owner_test = np.asarray(d["client_train"]), np.asarray(d["client_test"])
+    except (OSError, ValueError) as e:
+        raise ConfigError("data.dataset", f"cannot read {p}: {e}") from None
+    for key, owners, labels in (("client_train", owner_train, y_train), ("client_test", owner_test, y_test)):
+        if owners.shape != labels.shape or not np.issubdtype(owners.dtype, np.integer):
+            raise ConfigError("data.split.kind", f"{p.name}: {key} must hold one integer client id per sample "
+                                                 f"({len(labels)}), got shape {owners.shape} of {owners.dtype}")
+    ids = np.unique(owner_train)
+    if num_clients > len(ids):
+        raise ConfigError("clients.total", f"{num_clients} clients, but {p.name} holds {len(ids)} "
+                                           f"(distinct ids in client_train)")
+    ids = ids[:num_clients]
+    by_train, by_test = np.argsort(owner_train, kind="stable"), np.argsort(owner_test, kind="stable")
+    train_cuts = np.searchsorted(owner_train[by_train], np.stack([ids, ids + 1]))
+    test_cuts = np.searchsorted(owner_test[by_test], np.stack([ids, ids + 1]))
+    train, val, tests, classes = [], [], [], []
+    for cid in range(num_clients):
+        gen = rng(seed, "client-data", cid)
+        idx = gen.permutation(by_train[train_cuts[0, cid]:train_cuts[1, cid]])
+        n_val = min(int(round(split.val_fraction * len(idx))), len(idx) - 1)
+        train.append(np.sort(idx[n_val:]))
+        val.append(np.sort(idx[:n_val]))
+        tests.append(np.sort(by_test[test_cuts[0, cid]:test_cuts[1, cid]]))
+        classes.append(np.unique(y_train[idx]))
+    natural = Ragged(tests)
+    return Partition(Ragged(train), Ragged(val), {"mirrored": natural, "authors": natural}, Ragged(classes))
 
 
 def authors_test_set(test_sorted: np.ndarray, block: int, labels, per_label, gen: np.random.Generator) -> np.ndarray:

@@ -9,6 +9,9 @@ class UserError(Exception):
         self.where = where
         self.reason = reason
 
+    def __reduce__(self):  # copies and pickles (Ray Tune copies a trial's exception) keep both parts
+        return type(self), (self.where, self.reason)
+
 
 class ConfigError(UserError):
     """A configuration field or file is invalid."""

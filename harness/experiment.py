@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from harness import storage
-from harness.availability import round_outcome, sample_size, tiebreak_order
+from harness.availability import round_outcome, sample_clients, sample_size, tiebreak_order
 from harness.columns import ClientRow, RoundRow, SummaryRow, accuracies, machine, row as record_row
 from harness.config import EngineConfig, ExperimentConfig, portable
 from harness.cost import client_time
@@ -28,7 +28,6 @@ from harness.ray_engine import RayEngine
 from harness.records import LATE, NOT_KEPT, ClientResult, ClientSlot, ClientTask
 from harness.registry import declared_columns, method_class
 from harness.results import CLIENTS, ROUNDS, SUMMARY, with_columns, write_table, write_yaml
-from harness.seeding import rng
 from harness.spec import ExperimentSpec, resolve
 from harness.state import DiskStore, MemoryStore
 from harness.workbench import Workbench
@@ -142,11 +141,10 @@ class Experiment:
     def _play_round(self, engine, rnd: int) -> dict[str, Any] | None:
         cfg, bench, strategy = self.cfg, self.bench, self.strategy
         started = time.perf_counter()
-        tier_of = bench.devices.tiers_for_round(rnd)
         wanted = sample_size(cfg.clients.per_round, cfg.clients.overselect)
-        online = np.flatnonzero(bench.availability.online(rnd, tier_of))
-        sampled = np.sort(rng(cfg.seed, "sample", rnd).choice(online, min(wanted, len(online)), replace=False))
-        slots = [ClientSlot(int(c), cfg.devices.tiers[tier_of[c]], bench.clients[c].num_samples) for c in sampled]
+        sampled, tier_of = sample_clients(rnd, cfg.seed, cfg.clients.total, wanted, bench.availability, bench.devices)
+        slots = [ClientSlot(int(c), cfg.devices.tiers[t], bench.clients.num_samples(int(c)))
+                 for c, t in zip(sampled, tier_of)]
         broadcast, instructions = strategy.configure(rnd, slots)
         tasks = [ClientTask(s.client_id, rnd, s.tier, ins, self.store.get(s.client_id))
                  for s, ins in zip(slots, instructions)]
@@ -158,9 +156,8 @@ class Experiment:
                 r.sim_down_s, r.sim_compute_s, r.sim_up_s = t.down_s, t.compute_s, t.up_s
             else:
                 log.warning("client %d failed in round %d: %s", r.client_id, rnd, r.error)
-        tiebreak = tiebreak_order(cfg.seed, rnd, cfg.clients.total)
         outcome = round_outcome({r.client_id: r.sim_s for r in results if r.trained}, cfg.clients.per_round,
-                                cfg.clients.deadline_s, {c: tiebreak[c] for c in sampled})
+                                cfg.clients.deadline_s, tiebreak_order(cfg.seed, rnd, sampled))
         for r in results:
             if r.client_id in outcome.late:
                 r.status = LATE

@@ -225,12 +225,51 @@ class ResNet18(UnitModel):
         return self.classifier(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
-MODEL_NAMES = ("cnn", "vgg11", "vgg13", "resnet18")
+class LogisticRegression(UnitModel):
+    """Multinomial logistic regression, FedProx's model for its Synthetic data: one linear layer from
+    the (flattened) input features to the class logits. It has no hidden units, so it has no unit
+    group: the unit-based methods have nothing to shrink or mask (HeteroFL's and FedRolex's
+    submodels are the whole model, FedLPS's masks are empty, so its keep ratio changes neither the
+    training nor the cost); PruneFL prunes its weights like any other."""
+
+    FULL: dict[str, int] = {}
+
+    def __init__(self, num_classes: int, image_shape, widths=None, norm="bn", rate=1.0):
+        super().__init__(widths, norm, rate)
+        self.fc = nn.Linear(math.prod(image_shape), num_classes)
+        self._declare("fc", CLASSES, None)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+class MLP(UnitModel):
+    """One hidden layer of 100 ReLU neurons (no normalisation: `norm` is ignored): fc1 features->100,
+    fc2 100->classes. Its unit group is `fc1`, the hidden neurons: HeteroFL keeps the first
+    ceil(p x 100) of them (fc1's rows, fc2's columns), FedRolex a window of them rolling each round,
+    FedLPS masks neurons by learned importance (their outputs zeroed); PruneFL prunes weights."""
+
+    FULL = {"fc1": 100}
+
+    def __init__(self, num_classes: int, image_shape, widths=None, norm="bn", rate=1.0):
+        super().__init__(widths, norm, rate)
+        self.fc1 = nn.Linear(math.prod(image_shape), self.widths["fc1"])
+        self.fc2 = nn.Linear(self.widths["fc1"], num_classes)
+        self._declare("fc1", "fc1", None)
+        self._declare("fc2", CLASSES, "fc1")
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.unit(self.fc1(x.flatten(1)), "fc1")))
+
+
+MODEL_NAMES = ("cnn", "vgg11", "vgg13", "resnet18", "mlr", "mlp")
 
 
 def resolve_model_name(name: str, dataset: str, image_shape) -> str:
     if name != "auto":
         return name
+    if dataset == "synthetic":
+        return "mlr"
     if dataset == "cifar100":
         return "vgg13"
     return "vgg11" if image_shape[0] == 3 else "cnn"
@@ -244,6 +283,10 @@ def build_model(name: str, num_classes: int, image_shape, widths: dict[str, int]
         return VGG(name, num_classes, image_shape, widths, norm, rate)
     if name == "resnet18":
         return ResNet18(num_classes, image_shape, widths, norm, rate)
+    if name == "mlr":
+        return LogisticRegression(num_classes, image_shape, widths, norm, rate)
+    if name == "mlp":
+        return MLP(num_classes, image_shape, widths, norm, rate)
     raise ConfigError("model.name", f"unknown model {name!r}")
 
 

@@ -265,7 +265,7 @@ class RayEngine:
         self.pool_of_tier = {t.name: next(p for p in pools if p.tiers is None or t.name in p.tiers)
                              for t in bench.cfg.devices.tiers}
         # A client's work estimate for balancing: its training samples (the same epochs for all).
-        self.work = [c.num_samples for c in bench.clients]
+        self.work = bench.clients.num_samples
         log.info("ray pools: %s", [(p.describe(), sorted(p.tiers or []), p.info) for p in pools])
 
     def _spawn(self, pool: Pool):
@@ -307,7 +307,7 @@ class RayEngine:
         calls = []  # (pool, executor, indices of its tasks, the call)
         for pool in self.pools:
             mine = [i for i, t in enumerate(tasks) if self.pool_of_tier[t.tier.name] is pool]
-            shares = balanced_shares([self.work[tasks[i].client_id] for i in mine], len(pool.actors))
+            shares = balanced_shares([self.work(tasks[i].client_id) for i in mine], len(pool.actors))
             for k, share in enumerate(shares):
                 if share:
                     indices = [mine[j] for j in share]

@@ -78,8 +78,9 @@ class ClientResult:
 
 @dataclass
 class Evaluation:
-    """Accuracies after a round. Per client (an array over all clients, NaN for a client without test
-    images), for each test-set construction (`mirrored`, `authors`):
+    """Accuracies after a round. Per client (an array over the clients of `bench.clients.eval_ids`: all
+    clients of a partition, a fixed cohort of synthetic ones; NaN for a client without test images), for
+    each test-set construction (`mirrored`, `authors`):
 
     clients: with the model each client would use (its personalised model, or the global model);
     global_clients: with the global model (None: the same as `clients`, as for global methods).

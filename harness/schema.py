@@ -11,8 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-DATASETS = ("mnist-5k", "mnist", "fashion-mnist", "cifar10", "cifar100")
-MODELS = ("auto", "cnn", "vgg11", "vgg13", "resnet18")
+DATASETS = ("mnist-5k", "mnist", "fashion-mnist", "cifar10", "cifar100", "synthetic")
+MODELS = ("auto", "cnn", "vgg11", "vgg13", "resnet18", "mlr", "mlp")
 
 
 def sample_size(per_round: int, overselect: float) -> int:
@@ -36,7 +36,7 @@ class Strict(BaseModel):
 
 
 class SplitConfig(Strict):
-    kind: Literal["shards", "dirichlet", "iid"] = "shards"
+    kind: Literal["shards", "dirichlet", "iid", "natural"] = "shards"
     shards_per_client: int = Field(2, gt=0)
     shard_size: int = Field(20, gt=0)
     alpha: float = Field(0.5, gt=0)
@@ -48,6 +48,19 @@ class DataConfig(Strict):
     root: str = "~/.cache/fedbench/data"
     download: bool = False
     split: SplitConfig = SplitConfig()
+    # Synthetic(alpha, beta) (harness/synthetic.py): each client's data generated from (seed, client)
+    alpha: float = Field(0.0, ge=0, description="synthetic: spread of the clients' models (u_k ~ N(0, alpha))")
+    beta: float = Field(0.0, ge=0, description="synthetic: spread of the clients' feature means (B_k ~ N(0, beta))")
+    iid: bool = Field(False, description="synthetic: one model and one feature distribution for all clients")
+    eval_clients: int = Field(1000, gt=0, description="synthetic: size of the fixed, seeded cohort of clients "
+                                                      "every evaluation reports (all clients if fewer)")
+
+    @model_validator(mode="after")
+    def _synthetic_split(self):
+        if self.dataset == "synthetic" and self.split.kind == "natural":
+            raise ValueError("split.kind: natural needs an npz data set with client ids; synthetic clients are "
+                             "generated, not split")
+        return self
 
     @field_validator("dataset")
     @classmethod

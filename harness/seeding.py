@@ -24,3 +24,17 @@ def rng(*parts: int | str) -> np.random.Generator:
 
 def torch_generator(*parts: int | str) -> torch.Generator:
     return torch.Generator().manual_seed(seed_of(*parts))
+
+
+def uniform_at(ids, *parts: int | str) -> np.ndarray:
+    """`rng(*parts).random(n)[ids]` without drawing the n: the stream's PCG64 is advanced to each id
+    (one 64-bit output per double), so one client's draw costs the same among ten or ten million."""
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    base = np.random.PCG64(seed_of(*parts))
+    start, bits = base.state, np.random.PCG64(0)
+    gen, out = np.random.Generator(bits), np.empty(len(ids))
+    for k, c in enumerate(ids.tolist()):
+        bits.state = start
+        bits.advance(c)
+        out[k] = gen.random()
+    return out

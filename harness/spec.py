@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from harness.config import ExperimentConfig, axis_label, method_params
-from harness.data import load_dataset
+from harness.population import load_data
 from harness.models import resolve_model_name
 from harness.registry import method_class
 
@@ -34,7 +34,7 @@ def resolve(cfg: ExperimentConfig) -> ExperimentSpec:
     """The spec of `cfg`: its method's parameters validated, its model resolved (loading the data set
     once per process), its labels computed."""
     params = method_params(cfg)
-    model = resolve_model_name(cfg.model.name, cfg.data.dataset, load_dataset(cfg.data).image_shape)
+    model = resolve_model_name(cfg.model.name, cfg.data.dataset, load_data(cfg.data, cfg.seed).image_shape)
     identity = dict(experiment=cfg.name, setting=setting_label(cfg), setting_title=setting_title(cfg),
                     method=cfg.method.name, method_label=axis_label(cfg.method.model_dump()),
                     method_title=method_class(cfg.method.name).describe(cfg.method.params()),
@@ -59,10 +59,13 @@ def setting_label(cfg: ExperimentConfig) -> str:
     digest = hashlib.sha1(json.dumps(core, sort_keys=True, default=str).encode()).hexdigest()[:6]
     s = cfg.data.split
     split = {"shards": f"shards{s.shards_per_client}x{s.shard_size}", "dirichlet": f"dir{s.alpha:g}",
-             "iid": "iid"}[s.kind]
+             "iid": "iid", "natural": "natural"}[s.kind]
     dataset = cfg.data.dataset
     if dataset.startswith("npz:"):
         dataset = "npz-" + Path(dataset[4:]).stem
+    if dataset == "synthetic":  # generated per client: no split
+        d = cfg.data
+        dataset, split = "synthetic", "iid" if d.iid else f"a{d.alpha:g}b{d.beta:g}"
     return f"{dataset}_{split}_{cfg.clients.total}c{cfg.clients.per_round}_{digest}"
 
 
@@ -77,13 +80,15 @@ def setting_title(cfg: ExperimentConfig) -> str:
     if dataset.startswith("npz:"):
         stem = Path(dataset[4:]).stem
         dataset = DATASET_TITLES.get(stem.lower(), stem)
+    elif dataset == "synthetic":
+        dataset = "Synthetic IID" if cfg.data.iid else f"Synthetic({cfg.data.alpha:g}, {cfg.data.beta:g})"
     else:
         dataset = DATASET_TITLES[dataset]
     s = cfg.data.split
     split = {"shards": f"{s.shards_per_client} shards of {s.shard_size} per client", "dirichlet": f"Dirichlet({s.alpha:g})",
-             "iid": "IID"}[s.kind]
+             "iid": "IID", "natural": "natural clients"}[s.kind]
     c, d = cfg.clients, cfg.devices
-    parts = [dataset, split, f"{c.total} clients ({c.per_round} per round)"]
+    parts = [dataset] + ([] if cfg.data.dataset == "synthetic" else [split]) + [f"{c.total} clients ({c.per_round} per round)"]
     if c.deadline_s is not None:
         parts.append(f"deadline {c.deadline_s:g} s")
     if c.overselect > 1:

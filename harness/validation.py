@@ -6,8 +6,8 @@ from __future__ import annotations
 from harness.availability import Availability
 from harness.config import ExperimentConfig
 from harness.cost import DeviceAssigner
-from harness.data import load_dataset
 from harness.errors import ConfigError
+from harness.population import load_data
 from harness.models import build_model
 from harness.registry import method_class
 from harness.spec import ExperimentSpec, resolve
@@ -20,7 +20,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentSpec:
     checks, its device and availability traces."""
     import torch
 
-    dataset = load_dataset(cfg.data)
+    dataset = load_data(cfg.data, cfg.seed)
     client_partition(cfg, dataset)
     spec = resolve(cfg)
     with torch.device("meta"):

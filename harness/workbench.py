@@ -14,26 +14,28 @@ from harness.availability import Availability
 from harness.batched.groups import train_alone
 from harness.config import ExperimentConfig
 from harness.cost import DeviceAssigner, FlopMeter
-from harness.data import TEST_SETS, ClientData, Dataset, load_dataset, partition
+from harness.data import TEST_SETS, Dataset, Partition
+from harness.population import client_population, load_data
 from harness.models import ModelSpec, UnitModel, build_model
 from harness.records import ClientTask, Evaluation
 from harness.seeding import seed_of, torch_generator
 from harness.spec import ExperimentSpec, resolve
+from harness.synthetic import SyntheticClients
 from harness.training import (LocalJob, SGDSettings, calibrate_batchnorm, correct_per_sample, load_tensors, threads,
                               torch_threads)
 
 
-_PARTITIONS: dict[tuple, list[ClientData]] = {}
+_PARTITIONS: dict[tuple, object] = {}
 
 
-def client_partition(cfg: ExperimentConfig, dataset: Dataset) -> list[ClientData]:
-    """The experiment's clients, partitioned once per process (validation and the run share it)."""
-    key = (cfg.data.dataset, cfg.data.root, id(dataset), cfg.data.split.model_dump_json(), cfg.clients.total, cfg.seed)
+def client_partition(cfg: ExperimentConfig, dataset) -> Partition | SyntheticClients:
+    """The experiment's clients (harness.population.client_population: a Partition, or synthetic
+    clients generated on demand), built once per process (validation and the run share them)."""
+    key = (id(dataset), cfg.data.model_dump_json(), cfg.clients.total, cfg.seed)
     if key not in _PARTITIONS:
         if len(_PARTITIONS) >= 8:
             _PARTITIONS.pop(next(iter(_PARTITIONS)))
-        _PARTITIONS[key] = partition(dataset.y_train.numpy(), dataset.y_test.numpy(), cfg.data.split,
-                                     cfg.clients.total, cfg.seed)
+        _PARTITIONS[key] = client_population(cfg, dataset)
     return _PARTITIONS[key]
 
 
@@ -47,8 +49,10 @@ class Workbench:
         self.cfg = cfg = spec.config
         self.method_params = spec.params
         self.device = torch.device(device)
-        self.dataset = dataset if dataset is not None else load_dataset(cfg.data)
-        self.clients: list[ClientData] = client_partition(cfg, self.dataset)
+        self.dataset = dataset if dataset is not None else load_data(cfg.data, cfg.seed)
+        # len(clients), clients[c] (a record), clients.num_samples(c), .train_data(c), .eval_ids, ...:
+        # harness.data.Partition, or harness.synthetic.SyntheticClients (nothing held per client)
+        self.clients = client_partition(cfg, self.dataset)
         self.num_classes = self.dataset.num_classes
         self.image_shape = self.dataset.image_shape
         self.model_name = spec.model
@@ -132,56 +136,52 @@ class Workbench:
 
     # -- data --------------------------------------------------------------------------------------
     def train_data(self, client_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.from_numpy(self.clients[client_id].train)
-        x = self.dataset.normalize(self.dataset.x_train[idx].to(self.device))
-        return x, self.dataset.y_train[idx].to(self.device)
+        return self.clients.train_data(client_id, self.device)
 
     def class_mask(self, client_id: int) -> torch.Tensor:
         mask = torch.zeros(self.num_classes, dtype=torch.bool)
-        mask[torch.from_numpy(self.clients[client_id].classes)] = True
+        mask[torch.from_numpy(self.clients.classes(client_id))] = True
         return mask
 
     @functools.cached_property
-    def test_index(self) -> dict[str, list[torch.Tensor]]:
-        """Per test-set construction, each client's test images (indices into the test set)."""
-        return {kind: [torch.from_numpy(c.tests[kind]) for c in self.clients] for kind in TEST_SETS}
+    def eval_set(self):
+        """The test samples evaluations run on and, per test-set construction, those of each client
+        of `clients.eval_ids` (every client of a partition; a fixed cohort of synthetic clients)."""
+        return self.clients.eval_set()
 
     # -- evaluation --------------------------------------------------------------------------------
-    def _per_client(self, correct: torch.Tensor, kind: str) -> np.ndarray:
-        return np.array([float(correct[idx].float().mean()) if len(idx) else np.nan for idx in self.test_index[kind]])
-
     def evaluate_global(self, state: dict[str, torch.Tensor], static_bn: bool = False,
                         norm: str | None = None) -> Evaluation:
-        """The global model (of `norm`, default the experiment's) on the whole test set and on every
-        client's test sets. With static BN the normalisation statistics are first computed over the
+        """The global model (of `norm`, default the experiment's) on the whole test set and on the test
+        sets of every client of `clients.eval_ids` (Evaluation's arrays follow that order). With static BN the normalisation statistics are first computed over the
         clients' training data. Clients' test sets are subsets of the test set, so one pass serves
         all, unless the model normalises with batch statistics in evaluation too (`batch` norm):
         then each client's test set is evaluated on its own, in minibatches of the training batch
         size, as a client would."""
         model = self.load(self.build(self.spec(norm="bn" if static_bn else norm)), state)
-        if static_bn:
+        has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        if static_bn and has_bn:
             calibrate_batchnorm(model, self._training_batches())
-        correct = correct_per_sample(model, self.dataset.x_test, self.dataset.y_test, self.dataset.normalize)
-        if (norm or self.cfg.model.norm) == "batch" and any(
-                isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-            clients = {kind: np.array([self._accuracy(model, idx, self.cfg.train.batch_size) for idx in index])
-                       for kind, index in self.test_index.items()}
+        ev = self.eval_set
+        correct = correct_per_sample(model, ev.x, ev.y, ev.normalize)
+        if (norm or self.cfg.model.norm) == "batch" and has_bn:
+            clients = {kind: np.array([self._accuracy(model, ev.x[torch.from_numpy(index[k])], ev.y[torch.from_numpy(index[k])],
+                                                      self.cfg.train.batch_size) for k in range(len(index))])
+                       for kind, index in ev.index.items()}
         else:
-            clients = {kind: self._per_client(correct, kind) for kind in TEST_SETS}
+            clients = {kind: ev.per_client_mean(correct, kind) for kind in TEST_SETS}
         return Evaluation(clients=clients, acc_global=float(correct.float().mean()))
 
-    def _accuracy(self, model: torch.nn.Module, idx: torch.Tensor, batch_size: int = 1000) -> float:
-        if not len(idx):
+    def _accuracy(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
+        if not len(y):
             return float("nan")
-        correct = correct_per_sample(model, self.dataset.x_test[idx], self.dataset.y_test[idx], self.dataset.normalize,
-                                     batch_size)
+        correct = correct_per_sample(model, x, y, self.dataset.normalize, batch_size)
         return float(correct.float().mean())
 
     def accuracy_on_client(self, model: torch.nn.Module, client_id: int) -> dict[str, float]:
         """`model` on one client's own test sets (for personalised models), per construction."""
-        return {kind: self._accuracy(model, self.test_index[kind][client_id]) for kind in TEST_SETS}
+        return {kind: self._accuracy(model, *self.clients.test_data(kind, client_id)) for kind in TEST_SETS}
 
-    def _training_batches(self, batch_size: int = 500):
-        idx = torch.from_numpy(np.concatenate([c.train for c in self.clients]))
-        for start in range(0, len(idx), batch_size):
-            yield self.dataset.normalize(self.dataset.x_train[idx[start:start + batch_size]].to(self.device))
+    def _training_batches(self):
+        for x in self.clients.training_batches():
+            yield x.to(self.device)
