@@ -22,6 +22,10 @@ BUILT_IN = {
     "fedrolex": "baselines.fedrolex:FedRolex",
     "prunefl": "baselines.prunefl:PruneFL",
     "fedlps": "fedlps.strategy:FedLPS",
+    "hermes": "baselines.hermes:Hermes",
+    "fedspa": "baselines.fedspa:FedSpa",
+    "fedmp": "baselines.fedmp:FedMP",
+    "cs": "baselines.cs:CS",
 }
 
 
