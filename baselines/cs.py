@@ -67,7 +67,7 @@ from harness.records import ClientResult, ClientTask
 from harness.sparsity import (Masks, apply_masks, density, layer_weights, masked_bytes, masked_forward_flops,
                               mean_update, nonzero_bytes, nonzero_densities, prunable_weights, reference_noise,
                               top_magnitude)
-from harness.strategy import MethodParams, Strategy
+from harness.strategy import Client, MethodParams, Strategy
 from harness.submodel import state_bytes
 from harness.training import LocalJob
 
@@ -83,41 +83,24 @@ def above_percentile(t: torch.Tensor, percent: float, strict: bool) -> torch.Ten
     return t.abs() > threshold if strict else t.abs() >= threshold
 
 
-class CS(Strategy):
-    title = "CS"
-    client_columns = {"density": pa.float64()}
+class CSParams(MethodParams):  # clip_grad_norm: None (neither code clips)
+    variant: Literal["official", "reference"] = "official"
+    sparsity: float = Field(0.5, ge=0, lt=1, description="fraction of each kernel the server prunes "
+                                                          "(reference: --mask_rate)")
+    server_lr: float = Field(1.5, gt=0, description="official: factor on the clients' complement")
+    reference_noise: float = Field(0.001, ge=0, description="reference: std of the aggregate's noise")
 
-    class Params(MethodParams):  # clip_grad_norm: None (neither code clips)
-        variant: Literal["official", "reference"] = "official"
-        sparsity: float = Field(0.5, ge=0, lt=1, description="fraction of each kernel the server prunes "
-                                                              "(reference: --mask_rate)")
-        server_lr: float = Field(1.5, gt=0, description="official: factor on the clients' complement")
-        reference_noise: float = Field(0.001, ge=0, description="reference: std of the aggregate's noise")
 
-    @classmethod
-    def check(cls, params, model, cfg):
-        if not layer_weights(model.layout):
-            raise ConfigError("model.name", "CS needs a model with conv or linear layers")
+class _CSRules:
+    """What both halves derive from the parameters."""
 
     def __init__(self, bench, params):
         super().__init__(bench, params)
         self.reference = params.variant == "reference"
         self.masked = prunable_weights(bench.layout) if self.reference else layer_weights(bench.layout)
 
-    def setup(self, store):
-        super().setup(store)
-        self.global_state = self.bench.init_global_state()
-        self.masks: Masks | None = None  # official: the server's mask (None: the model is dense)
 
-    def configure(self, rnd, clients):
-        if self.reference and rnd > 0:
-            # Reference quirk (CS.py `mask`): the global model itself is pruned before broadcasting.
-            pruned = {n: above_percentile(self.global_state[n], self.params.sparsity * 100, strict=True)
-                      for n in self.masked}
-            self.global_state = apply_masks(self.global_state, pruned)
-        return {"state": self.global_state, "masks": self.masks}, [None] * len(clients)
-
-    # -- client side -------------------------------------------------------------------------------
+class CSClient(_CSRules, Client):
     def local_job(self, broadcast, task: ClientTask) -> LocalJob:
         return self.bench.job(task, broadcast["state"], clip_grad_norm=self.params.clip_grad_norm)
 
@@ -149,6 +132,32 @@ class CS(Strategy):
         return ClientResult(task.client_id, task.round, payload=payload, num_samples=len(job.y),
                             train_loss=stats.loss, train_acc=stats.accuracy, keep_ratio=share, flops=flops,
                             bytes_up=bytes_up, bytes_down=bytes_down, metrics={"density": share})
+
+
+
+class CS(_CSRules, Strategy):
+    Client = CSClient
+    Params = CSParams
+    title = "CS"
+    client_columns = {"density": pa.float64()}
+
+    @classmethod
+    def check(cls, params, model, cfg):
+        if not layer_weights(model.layout):
+            raise ConfigError("model.name", "CS needs a model with conv or linear layers")
+
+    def setup(self, store):
+        super().setup(store)
+        self.global_state = self.bench.init_global_state()
+        self.masks: Masks | None = None  # official: the server's mask (None: the model is dense)
+
+    def configure(self, rnd, clients):
+        if self.reference and rnd > 0:
+            # Reference quirk (CS.py `mask`): the global model itself is pruned before broadcasting.
+            pruned = {n: above_percentile(self.global_state[n], self.params.sparsity * 100, strict=True)
+                      for n in self.masked}
+            self.global_state = apply_masks(self.global_state, pruned)
+        return {"state": self.global_state, "masks": self.masks}, [None] * len(clients)
 
     # -- server side -------------------------------------------------------------------------------
     def aggregate(self, rnd, kept, dropped):

@@ -84,7 +84,7 @@ from harness.records import ClientResult, ClientTask
 from harness.seeding import seed_of
 from harness.sparsity import (apply_masks, masked_forward_flops, mean_update, model_holding, nonzero_bytes,
                               nonzero_densities, prunable_weights, reference_noise)
-from harness.strategy import MethodParams, Strategy
+from harness.strategy import Client, MethodParams, Strategy
 from harness.submodel import Contribution, aggregate, extract, state_bytes, unit_l1_norms
 from harness.training import LocalJob
 
@@ -183,27 +183,22 @@ def loss_on(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size
     return total / max(len(y), 1)
 
 
-class FedMP(Strategy):
-    title = "FedMP"
-    client_columns = {"arm_low": pa.float64(), "arm_high": pa.float64(), "loss_decrease": pa.float64()}
+class FedMPParams(MethodParams):  # clip_grad_norm: None (the port does not clip)
+    variant: Literal["official", "reference"] = "official"
+    arms: int = Field(1, ge=1, description="official: initial number of equal arms")
+    arm_low: float = Field(0.2, gt=0, lt=1, description="official: lower end of the keep-ratio arms")
+    arm_high: float = Field(1.0, gt=0, le=1, description="official: upper end of the keep-ratio arms")
+    reference_noise: float = Field(0.001, ge=0, description="reference: std of the aggregate's noise")
 
-    class Params(MethodParams):  # clip_grad_norm: None (the port does not clip)
-        variant: Literal["official", "reference"] = "official"
-        arms: int = Field(1, ge=1, description="official: initial number of equal arms")
-        arm_low: float = Field(0.2, gt=0, lt=1, description="official: lower end of the keep-ratio arms")
-        arm_high: float = Field(1.0, gt=0, le=1, description="official: upper end of the keep-ratio arms")
-        reference_noise: float = Field(0.001, ge=0, description="reference: std of the aggregate's noise")
+    @model_validator(mode="after")
+    def _arm_range(self):
+        if self.arm_low >= self.arm_high:
+            raise ValueError(f"arm_low ({self.arm_low}) must be below arm_high ({self.arm_high})")
+        return self
 
-        @model_validator(mode="after")
-        def _arm_range(self):
-            if self.arm_low >= self.arm_high:
-                raise ValueError(f"arm_low ({self.arm_low}) must be below arm_high ({self.arm_high})")
-            return self
 
-    @classmethod
-    def check(cls, params, model, cfg):
-        if not prunable_weights(model.layout):
-            raise ConfigError("model.name", "FedMP needs a model with conv or linear layers besides the classifier")
+class _FedMPRules:
+    """What both halves derive from the parameters."""
 
     def __init__(self, bench, params):
         super().__init__(bench, params)
@@ -212,37 +207,8 @@ class FedMP(Strategy):
         cfg = bench.cfg
         self.horizon = cfg.rounds / cfg.clients.per_round
 
-    def setup(self, store):
-        super().setup(store)
-        self.global_state = self.bench.init_global_state()
 
-    # -- the bandits (server state, in the store's "bandit" namespace) ------------------------------
-    def _bandit(self, client_id: int):
-        state = self.store.get(client_id, "bandit")
-        seed = seed_of(self.bench.cfg.seed, "fedmp-eucb", client_id)
-        if self.reference:
-            return ReferenceEUCB(self.horizon, rng=random.Random(seed)) if state is None else ReferenceEUCB.from_dict(state)
-        if state is None:
-            p = self.params
-            return PUCBV.new(seed, horizon=self.horizon, num_arms=p.arms, low=p.arm_low, high=p.arm_high)
-        return PUCBV.from_dict(state)
-
-    def configure(self, rnd, clients):
-        instructions = []
-        for slot in clients:
-            bandit = self._bandit(slot.client_id)
-            if self.reference:
-                ratio, upper = bandit.decide()
-                bandit.selected += 1
-                low, high = bandit.arms[upper - 1][0], bandit.arms[upper][1]
-            else:
-                d = bandit.decide()
-                ratio, low, high = d.ratio, d.low, d.high
-            self.store.put(slot.client_id, bandit.to_dict(), "bandit")
-            instructions.append({"keep_ratio": ratio, "arm_low": low, "arm_high": high})
-        return self.global_state, instructions
-
-    # -- client side -------------------------------------------------------------------------------
+class FedMPClient(_FedMPRules, Client):
     def local_job(self, global_state, task: ClientTask) -> LocalJob:
         bench = self.bench
         ratio = float(task.instruction["keep_ratio"])
@@ -282,6 +248,49 @@ class FedMP(Strategy):
             task.client_id, task.round, payload=payload, num_samples=len(job.y), train_loss=stats.loss,
             train_acc=stats.accuracy, keep_ratio=ctx["ratio"], flops=flops, bytes_up=bytes_up, bytes_down=bytes_down,
             metrics=metrics)
+
+
+
+class FedMP(_FedMPRules, Strategy):
+    Client = FedMPClient
+    Params = FedMPParams
+    title = "FedMP"
+    client_columns = {"arm_low": pa.float64(), "arm_high": pa.float64(), "loss_decrease": pa.float64()}
+
+    @classmethod
+    def check(cls, params, model, cfg):
+        if not prunable_weights(model.layout):
+            raise ConfigError("model.name", "FedMP needs a model with conv or linear layers besides the classifier")
+
+    def setup(self, store):
+        super().setup(store)
+        self.global_state = self.bench.init_global_state()
+
+    # -- the bandits (server state, in the store's "bandit" namespace) ------------------------------
+    def _bandit(self, client_id: int):
+        state = self.store.get(client_id, "bandit")
+        seed = seed_of(self.bench.cfg.seed, "fedmp-eucb", client_id)
+        if self.reference:
+            return ReferenceEUCB(self.horizon, rng=random.Random(seed)) if state is None else ReferenceEUCB.from_dict(state)
+        if state is None:
+            p = self.params
+            return PUCBV.new(seed, horizon=self.horizon, num_arms=p.arms, low=p.arm_low, high=p.arm_high)
+        return PUCBV.from_dict(state)
+
+    def configure(self, rnd, clients):
+        instructions = []
+        for slot in clients:
+            bandit = self._bandit(slot.client_id)
+            if self.reference:
+                ratio, upper = bandit.decide()
+                bandit.selected += 1
+                low, high = bandit.arms[upper - 1][0], bandit.arms[upper][1]
+            else:
+                d = bandit.decide()
+                ratio, low, high = d.ratio, d.low, d.high
+            self.store.put(slot.client_id, bandit.to_dict(), "bandit")
+            instructions.append({"keep_ratio": ratio, "arm_low": low, "arm_high": high})
+        return self.global_state, instructions
 
     # -- server side -------------------------------------------------------------------------------
     def aggregate(self, rnd, kept, dropped):

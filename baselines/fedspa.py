@@ -78,7 +78,7 @@ from harness.sparsity import (Masks, accuracy_on_train_indices, apply_masks, den
                               keep_counts, location_bytes, mask_densities, masked_bytes, masked_forward_flops, mean_update,
                               model_holding, nonzero_bytes, nonzero_densities, prunable_weights, random_masks,
                               reference_noise, top_magnitude)
-from harness.strategy import MethodParams, Strategy
+from harness.strategy import Client, MethodParams, Strategy
 from harness.training import LocalJob
 
 
@@ -108,25 +108,20 @@ def prune_and_regrow(weights: dict[str, torch.Tensor], masks: Masks, grads: dict
     return out
 
 
-class FedSpa(Strategy):
-    title = "FedSpa"
-    client_columns = {"density": pa.float64()}
+class FedSpaParams(MethodParams):  # clip_grad_norm: None (neither the paper nor the port clips)
+    variant: Literal["official", "reference"] = "official"
+    sparsity: float = Field(0.5, ge=0, lt=1, description="fraction of the masked weights removed")
+    distribution: Literal["erk", "uniform"] | None = Field(
+        None, description="layer densities of the official masks (default erk)")
+    readjust_fraction: float = Field(0.3, ge=0, le=1, description="official: a_0 of the cosine schedule")
+    readjust_end: int | None = Field(None, gt=0, description="official: T_end (default: the rounds)")
+    prune_start_acc: float = Field(0.5, ge=0, le=1, description="reference: validation accuracy "
+                                                                "above which the client prunes")
+    reference_noise: float = Field(0.001, ge=0, description="reference: std of the aggregate's noise")
 
-    class Params(MethodParams):  # clip_grad_norm: None (neither the paper nor the port clips)
-        variant: Literal["official", "reference"] = "official"
-        sparsity: float = Field(0.5, ge=0, lt=1, description="fraction of the masked weights removed")
-        distribution: Literal["erk", "uniform"] | None = Field(
-            None, description="layer densities of the official masks (default erk)")
-        readjust_fraction: float = Field(0.3, ge=0, le=1, description="official: a_0 of the cosine schedule")
-        readjust_end: int | None = Field(None, gt=0, description="official: T_end (default: the rounds)")
-        prune_start_acc: float = Field(0.5, ge=0, le=1, description="reference: validation accuracy "
-                                                                    "above which the client prunes")
-        reference_noise: float = Field(0.001, ge=0, description="reference: std of the aggregate's noise")
 
-    @classmethod
-    def check(cls, params, model, cfg):
-        if not prunable_weights(model.layout):
-            raise ConfigError("model.name", "FedSpa needs a model with conv or linear layers besides the classifier")
+class _FedSpaRules:
+    """What both halves derive from the parameters: the masked weights and their kept counts."""
 
     def __init__(self, bench, params):
         super().__init__(bench, params)
@@ -136,18 +131,12 @@ class FedSpa(Strategy):
         self.counts = keep_counts(self.shapes, 1 - params.sparsity,
                                   "uniform" if self.reference else (params.distribution or "erk"))
 
-    def setup(self, store):
-        super().setup(store)
-        self.global_state = self.bench.init_global_state()
-
     def initial_masks(self, client_id: int) -> Masks:
         """Official: the client's first mask, a function of (seed, client)."""
         return random_masks(self.shapes, self.counts, torch_generator(self.bench.cfg.seed, "fedspa-mask", client_id))
 
-    def configure(self, rnd, clients):
-        return self.global_state, [None] * len(clients)
 
-    # -- client side -------------------------------------------------------------------------------
+class FedSpaClient(_FedSpaRules, Client):
     def local_job(self, global_state, task: ClientTask) -> LocalJob:
         bench = self.bench
         masks = task.state["masks"] if task.state is not None else None
@@ -208,6 +197,26 @@ class FedSpa(Strategy):
         loss = F.cross_entropy(model(job.x[batch]), job.y[batch])
         grads = torch.autograd.grad(loss, [params[n] for n in self.masked])
         return {n: g.detach().cpu() for n, g in zip(self.masked, grads)}, len(batch)
+
+
+
+class FedSpa(_FedSpaRules, Strategy):
+    Client = FedSpaClient
+    Params = FedSpaParams
+    title = "FedSpa"
+    client_columns = {"density": pa.float64()}
+
+    @classmethod
+    def check(cls, params, model, cfg):
+        if not prunable_weights(model.layout):
+            raise ConfigError("model.name", "FedSpa needs a model with conv or linear layers besides the classifier")
+
+    def setup(self, store):
+        super().setup(store)
+        self.global_state = self.bench.init_global_state()
+
+    def configure(self, rnd, clients):
+        return self.global_state, [None] * len(clients)
 
     # -- server side -------------------------------------------------------------------------------
     def aggregate(self, rnd, kept, dropped):

@@ -74,9 +74,9 @@ from harness.records import ClientResult, ClientTask
 from harness.sparsity import (Masks, accuracy_on_train_indices, apply_masks, evaluate_personal, mean_update,
                               masked_forward_flops, model_holding, nonzero_bytes, nonzero_densities,
                               prunable_weights, reference_noise)
-from harness.strategy import MethodParams, Strategy
+from harness.strategy import Client, MethodParams, Strategy
 from harness.submodel import Contribution, IndexSets, aggregate, extract, state_bytes, widths_of
-from harness.training import Hooks, LocalJob
+from harness.training import LocalJob, LocalRule
 
 
 def prune_units(norms: dict[str, torch.Tensor], kept: IndexSets, percent: float) -> IndexSets:
@@ -108,23 +108,30 @@ def row_masks_to_weights(rows: Masks, shapes: dict[str, torch.Size]) -> Masks:
     return {n: r.view(-1, *([1] * (len(shapes[n]) - 1))).expand(shapes[n]).clone() for n, r in rows.items()}
 
 
-class Hermes(Strategy):
-    title = "Hermes"
-    client_columns = {"density": pa.float64()}
+class GroupLassoRule(LocalRule):
+    """Official local objective: cross-entropy + lam x sum over the masked weights `names` and their
+    units (rows) of ||W_u||_2."""
 
-    class Params(MethodParams):  # clip_grad_norm: None (the port does not clip)
-        variant: Literal["official", "reference"] = "official"
-        prune_start_acc: float = Field(0.5, ge=0, le=1, description="validation accuracy above which a client prunes")
-        prune_end_rate: float = Field(0.5, gt=0, le=1, description="a client stops pruning at this fraction "
-                                                                   "of the dense model's parameters")
-        prune_percent: float = Field(10.0, gt=0, lt=100, description="percent of the kept units pruned at a time")
-        lam: float = Field(0.001, ge=0, description="official: weight of the group-lasso penalty")
-        reference_noise: float = Field(0.001, ge=0, description="reference: std of the aggregate's noise")
+    def __init__(self, lam: float, names: list[str]):
+        self.lam = lam
+        self.names = tuple(names)
 
-    @classmethod
-    def check(cls, params, model, cfg):
-        if not prunable_weights(model.layout):
-            raise ConfigError("model.name", "Hermes needs a model with conv or linear layers besides the classifier")
+    def penalty(self, params, anchor):
+        return self.lam * sum(params[n].flatten(1).norm(dim=1).sum() for n in self.names)
+
+
+class HermesParams(MethodParams):  # clip_grad_norm: None (the port does not clip)
+    variant: Literal["official", "reference"] = "official"
+    prune_start_acc: float = Field(0.5, ge=0, le=1, description="validation accuracy above which a client prunes")
+    prune_end_rate: float = Field(0.5, gt=0, le=1, description="a client stops pruning at this fraction "
+                                                               "of the dense model's parameters")
+    prune_percent: float = Field(10.0, gt=0, lt=100, description="percent of the kept units pruned at a time")
+    lam: float = Field(0.001, ge=0, description="official: weight of the group-lasso penalty")
+    reference_noise: float = Field(0.001, ge=0, description="reference: std of the aggregate's noise")
+
+
+class _HermesRules:
+    """What both halves derive from the parameters."""
 
     def __init__(self, bench, params):
         super().__init__(bench, params)
@@ -133,14 +140,8 @@ class Hermes(Strategy):
         self.shapes = {n: bench.param_shapes[n] for n in self.masked}
         self.dense_params = sum(s.numel() for s in bench.param_shapes.values())
 
-    def setup(self, store):
-        super().setup(store)
-        self.global_state = self.bench.init_global_state()
 
-    def configure(self, rnd, clients):
-        return self.global_state, [None] * len(clients)
-
-    # -- client side -------------------------------------------------------------------------------
+class HermesClient(_HermesRules, Client):
     def local_job(self, global_state, task: ClientTask) -> LocalJob:
         return self._reference_job(global_state, task) if self.reference else self._official_job(global_state, task)
 
@@ -155,8 +156,10 @@ class Hermes(Strategy):
             kept = prune_units(self._unit_l2_norms(sub), kept, p.prune_percent)
             sub = extract(global_state, bench.layout, kept)
             spec = bench.spec(widths_of(bench.full_widths, kept))
-        return bench.job(task, sub, spec, clip_grad_norm=p.clip_grad_norm, hooks=self._group_lasso if p.lam else None,
-                         context={"index_sets": kept, "start": sub})
+        # The penalty reads no anchor; an empty one switches it on (LocalJob.anchor).
+        rule = dict(rule=GroupLassoRule(p.lam, self.masked), anchor={}) if p.lam else {}
+        return bench.job(task, sub, spec, clip_grad_norm=p.clip_grad_norm, context={"index_sets": kept, "start": sub},
+                         **rule)
 
     def _params_of(self, state) -> int:
         return sum(v.numel() for k, v in state.items() if k in self.bench.param_shapes)
@@ -169,12 +172,6 @@ class Hermes(Strategy):
             sq = state[n].detach().pow(2).flatten(1).sum(1).cpu()
             norms[group] = sq if group not in norms else norms[group] + sq
         return {g: v.sqrt() for g, v in norms.items()}
-
-    def _group_lasso(self, model) -> Hooks:
-        params = dict(model.named_parameters())
-        weights = [params[n] for n in self.masked]
-        lam = self.params.lam
-        return Hooks(regularizer=lambda: lam * sum(w.flatten(1).norm(dim=1).sum() for w in weights))
 
     def _reference_job(self, global_state, task):
         bench, p = self.bench, self.params
@@ -220,6 +217,26 @@ class Hermes(Strategy):
             task.client_id, task.round, payload=payload, num_samples=len(job.y), train_loss=stats.loss,
             train_acc=stats.accuracy, keep_ratio=share, flops=flops, bytes_up=bytes_up, bytes_down=bytes_down,
             metrics={"density": share}, state=state)
+
+
+
+class Hermes(_HermesRules, Strategy):
+    Client = HermesClient
+    Params = HermesParams
+    title = "Hermes"
+    client_columns = {"density": pa.float64()}
+
+    @classmethod
+    def check(cls, params, model, cfg):
+        if not prunable_weights(model.layout):
+            raise ConfigError("model.name", "Hermes needs a model with conv or linear layers besides the classifier")
+
+    def setup(self, store):
+        super().setup(store)
+        self.global_state = self.bench.init_global_state()
+
+    def configure(self, rnd, clients):
+        return self.global_state, [None] * len(clients)
 
     # -- server side -------------------------------------------------------------------------------
     def aggregate(self, rnd, kept, dropped):
