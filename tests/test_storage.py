@@ -283,7 +283,8 @@ def test_builtin_methods_are_found_without_package_metadata(monkeypatch):
     registry._registered.cache_clear()
     registry.method_class.cache_clear()
     try:
-        assert registry.available_methods() == ["fedavg", "fedlps", "fedrolex", "heterofl", "prunefl"]
+        assert registry.available_methods() == ["cs", "fedavg", "fedlps", "fedmp", "fedprox", "fedrolex", "fedspa", "hermes",
+                                                "heterofl", "prunefl"]
         assert registry.method_class("fedlps").__name__ == "FedLPS"
     finally:
         registry._registered.cache_clear()
