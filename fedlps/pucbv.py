@@ -37,6 +37,10 @@ accuracy drop of more than 5 is not reproduced (with accuracies in [0, 1] it nev
 the time in the reward is the harness's simulated compute + upload time, not the code's per-dataset
 constants; randomness comes from the bandit's own `random.Random`, not the global one.
 
+FedMP's E-UCB (Jiang et al., ICDE 2022; baselines/fedmp.py) is the same decision rule (index,
+exploration schedule, split): FedMP's official variant uses this class with its own reward (loss
+decrease per second of round time), its own initial arms and no tier cap.
+
 Pure Python, no torch: the whole state (arms, counts, rewards, decisions, best accuracy and the random
 generator's state) round-trips through `to_dict` / `from_dict` as plain data.
 """
