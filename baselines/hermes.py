@@ -186,7 +186,8 @@ class HermesClient(_HermesRules, Client):
             rows = percentile_row_masks({n: start[n] for n in self.masked}, p.prune_percent)
             masks = row_masks_to_weights(rows, self.shapes)
             start = apply_masks(start, masks)
-            rate = nonzero_bytes(start, self.masked) / state_bytes(start)
+            rate = sum(int((v != 0).sum()) if k in self.masked else v.numel()
+                       for k, v in start.items() if k in bench.param_shapes) / self.dense_params
         update_masks = {n: m.to(bench.device, torch.get_default_dtype()) for n, m in masks.items()} if masks else None
         return bench.job(task, start, clip_grad_norm=p.clip_grad_norm, update_masks=update_masks,
                          context={"rows": rows, "rate": rate, "masks": masks, "start": start})

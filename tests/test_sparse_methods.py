@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 VARIANTS = {f"{m}-{v}": {"method.name": m, "method.variant": v}
             for m in ("hermes", "fedspa", "fedmp", "cs") for v in ("official", "reference")}
-# Clients prune at once (any validation accuracy is above 0.0, see `pruning`), so the masks are in use.
+# Clients prune at once (with `pruning`, every validation accuracy is above 0.0), so the masks are in use.
 PRUNING = {"hermes": {"method.prune_start_acc": 0.0}, "fedspa": {"method.prune_start_acc": 0.0}}
 
 
@@ -31,9 +31,10 @@ def settings(name):
     return {**VARIANTS[name], **PRUNING.get(VARIANTS[name]["method.name"], {})}
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def pruning(monkeypatch):
-    """Validation accuracies are 1 (a model at initialisation may score 0 on a client's images)."""
+    """Validation accuracies are 1 (a model at initialisation may score 0 on a client's images), in
+    this process only."""
     import baselines.fedspa
     import baselines.hermes
 
@@ -67,7 +68,7 @@ def test_hermes_averages_each_coordinate_over_the_clients_that_hold_it(config):
     assert torch.all(after["fc2.weight"] == 2.0)  # held by all: the plain mean of 1, 2, 3
 
 
-def test_hermes_clients_prune_units_and_train_physically_smaller_subnetworks(config):
+def test_hermes_clients_prune_units_and_train_physically_smaller_subnetworks(config, pruning):
     bench, strategy = started(config(**{"method.name": "hermes", "method.prune_start_acc": 0.0}))
     broadcast, tasks = round_tasks(bench, strategy, 0, [0, 1])
     result = local_update(strategy, broadcast, tasks[0])
@@ -237,7 +238,7 @@ def float64(monkeypatch):
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
-def test_one_by_one_equals_batched(config, float64, name):
+def test_one_by_one_equals_batched(config, float64, pruning, name):
     cfg = config(**{"data.split.kind": "dirichlet", "data.split.alpha": 1.0, "clients.total": 100},
                  **settings(name))
     bench, strategy = started(cfg)
@@ -266,7 +267,9 @@ def _rows(cfg):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_serial_equals_ray(ray_session, config, name):
-    base = {"rounds": 3, "clients.per_round": 6, **settings(name)}
+    """The executors run the methods' code unpatched: clients prune where their real validation
+    accuracy is above 0."""
+    base = {"rounds": 3, "clients.per_round": 6, "engine.start_timeout_s": 300, **settings(name)}
     serial = config(name=f"{name}-serial", **base, **{"engine.backend": "serial"})
     Experiment(serial).run()
     ray = config(name=f"{name}-ray", **base, **{"engine.backend": "ray", "engine.executors": 2})
