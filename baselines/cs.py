@@ -22,6 +22,12 @@ applies that mask to the aggregated model (`dataless_prune`); the paper's method
 data, so here the mask is the aggregated model's own magnitudes.
 Evaluation: the sparse global model, as the official code's evaluation function receives it (client
 view = global view).
+Kept weights never take a client update: they change only by leaving the mask. With this project's
+local SGD (lr 0.1, a few dozen steps) the complement, trained from zero, stays smaller than the kept
+weights, so the magnitude mask does not change and the broadcast model does not learn (quickstart,
+20 rounds: 15 % accuracy); the official code trains its clients with Adam (lr 0.01), whose steps do
+not shrink with the gradient, and picks the mask from a copy fine-tuned one epoch on server-side
+data. This variant reproduces the algorithm, not that optimiser.
 Costs: clients train every weight, so FLOPs are the dense model's (3 x flop_counter forward x samples
 processed): CS saves communication, not client computation. Bytes down: the sparse model (values of
 the kept kernel weights plus their locations, bitmap or indices, and every other tensor); bytes up:
