@@ -4,8 +4,8 @@ magnitude at a ratio that a per-worker multi-armed bandit (E-UCB) chooses from t
 loss decrease and cost; the server recovers the pruned parts from the global model (R2SP) and
 averages.
 
-Official code: none is public (searched by name and title); `official` follows the paper as far as
-it is known.
+Official code: none was found (the public code index searched by name and title; the FedLPS
+authors' port is the only implementation found); `official` follows the paper as far as it is known.
 
 `variant: official` (the default), round t:
 1. Server, per sampled worker: its E-UCB bandit (server state) picks a keep ratio a. E-UCB and

@@ -1,9 +1,9 @@
 """FedSpa (Huang, Liu, Shen, He, Lin and Tao, "Achieving Personalized Federated Learning with Sparse
 Local Models", 2022): personalised sparse masks of fixed density that evolve by prune-and-regrow.
 
-Official code: none could be obtained here (github huangtiansheng/fedspa is not public in this
-workplace's index, and no other repository holds it); `official` follows the paper as far as it is
-known. The method optimises one global model x for mean_k f_k(x * m_k): client k's personalised model
+Official code: none could be obtained here (no snapshot of github huangtiansheng/fedspa exists in
+this workplace, and the code index holds no other FedSpa repository); `official` follows the paper
+as far as it is known. The method optimises one global model x for mean_k f_k(x * m_k): client k's personalised model
 is x masked by its own mask m_k.
 
 `variant: official` (the default), round t, client k:

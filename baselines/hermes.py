@@ -2,8 +2,8 @@
 heterogeneous mobile clients", MobiCom 2021): each client finds a small personalised subnetwork by
 structured pruning, and the server averages only the parameters that overlap.
 
-Official code: none is public (searched by name and title; the paper names none); `official`
-follows the paper as far as it is known: structured (channel/unit) pruning driven by a group-lasso
+Official code: none was found (the public code index searched by name and title; the FedLPS authors'
+port is the only implementation found); `official` follows the paper as far as it is known: structured (channel/unit) pruning driven by a group-lasso
 penalty, only the subnetworks' parameters travel, the server averages each parameter over the
 clients whose subnetwork holds it, and each client keeps a personalised structured sparse network.
 
