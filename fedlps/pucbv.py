@@ -42,6 +42,10 @@ one. `ReferencePUCBV` (FedLPS's `reference` variant) is the code's bandit with i
 counts and indexing (the time in its reward is the caller's: FedLPS's reference variant passes the
 code's constants); it too never deletes arms and draws from its own generator.
 
+FedMP's E-UCB (Jiang et al., ICDE 2022; baselines/fedmp.py) is the same decision rule (index,
+exploration schedule, split): FedMP's official variant uses this class with its own reward (loss
+decrease per second of round time), its own initial arms and no tier cap.
+
 Pure Python, no torch: the whole state (arms, counts, rewards, decisions, best accuracy and the random
 generator's state) round-trips through `to_dict` / `from_dict` as plain data, for both classes.
 """

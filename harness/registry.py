@@ -25,6 +25,10 @@ BUILT_IN = {
     "perfedavg": "baselines.perfedavg:PerFedAvg",
     "ditto": "baselines.ditto:Ditto",
     "fedrep": "baselines.fedrep:FedRep",
+    "hermes": "baselines.hermes:Hermes",
+    "fedspa": "baselines.fedspa:FedSpa",
+    "fedmp": "baselines.fedmp:FedMP",
+    "cs": "baselines.cs:CS",
 }
 
 

@@ -283,8 +283,9 @@ def test_builtin_methods_are_found_without_package_metadata(monkeypatch):
     registry._registered.cache_clear()
     registry.method_class.cache_clear()
     try:
-        assert registry.available_methods() == ["ditto", "fedavg", "fedlps", "fedprox", "fedrep", "fedrolex", "heterofl",
-                                                "perfedavg", "prunefl"]
+        assert registry.available_methods() == sorted(registry.BUILT_IN)
+        assert {"cs", "ditto", "fedavg", "fedlps", "fedmp", "fedprox", "fedrep", "fedrolex", "fedspa", "hermes",
+                "heterofl", "perfedavg", "prunefl"} <= set(registry.available_methods())
         assert registry.method_class("fedlps").__name__ == "FedLPS"
     finally:
         registry._registered.cache_clear()
@@ -297,8 +298,8 @@ def test_python_dash_m_harness_cli_works_like_the_console_script(tmp_path):
     done = subprocess.run([sys.executable, "-m", "harness.cli", "methods"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert done.returncode == 0, done.stderr
-    assert [line.split()[0] for line in done.stdout.splitlines()] == ["fedavg", "fedlps", "fedrolex", "heterofl",
-                                                                     "prunefl"]
+    assert [line.split()[0] for line in done.stdout.splitlines()] == [
+        "cs", "fedavg", "fedlps", "fedmp", "fedprox", "fedrolex", "fedspa", "hermes", "heterofl", "prunefl"]
 
 
 def test_dependency_pins():
