@@ -82,7 +82,7 @@ def workload(clients: int, clients_per_round: int, executors: int, cpus_per_exec
     else:
         raise UserError("--workload", f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
     engine = {"backend": "ray", "executors": executors, "cpus_per_executor": cpus_per_executor,
-              "device": device, "batch_clients": False}
+              "device": device, "batch_clients": False, "start_timeout_s": 600}  # a loaded machine starts slowly
     if device == "cuda":
         engine["gpus_per_executor"] = 1.0 / executors
     raw = {"name": "bench", "seed": 1, "rounds": 1000,
