@@ -6,14 +6,18 @@
   `engine.cuda_graphs` allows;
 - limit: what the hardware allows: a multiprocessing pool of as many worker processes as the Ray
   pool has executors, one torch thread each, each holding the data, every round's tasks split into
-  equal contiguous parts, one message each way per worker and round (plain pickles);
+  equal contiguous parts, one message each way per worker and round (pickled as the Ray engine's);
 - ray: the Ray engine with the same number of executors and quota (on CUDA, each executor gets an
   equal share of one GPU);
-- plain (mnist workload): an independent plain PyTorch loop in a process pool like limit's: a plain
-  nn.Sequential CNN and torch.optim.SGD, each client's minibatches in the same order (the same
-  generator seed) and the same steps; none of fedbench's training code. Its results are checked
-  against fedbench's every round (`plain_same_training`: equal training accuracy, training loss
-  within 1e-5 relative).
+- plain (mnist workload): an independent lean PyTorch loop in a process pool like limit's, none of
+  fedbench's training code: per worker one CNN module (the layers of harness.models.CNN, forward
+  written with torch.nn.functional) and one torch.optim.SGD (foreach) reused for every client, each
+  client's normalised training images one stacked tensor indexed per minibatch, in the same order
+  (the same generator seed); per step only zero_grad, forward, cross-entropy, backward and the
+  optimizer's step; no loss or accuracy statistics; the broadcast and the trained parameters travel
+  as numpy arrays. Its trained parameters are checked against fedbench's every round
+  (`plain_same_training`: every client's trained tensors bitwise equal, `plain_max_abs_diff` the
+  largest difference).
 
 serial, limit, ray and plain train the clients one by one. All do the same rounds from the same
 initial model (FedAvg's aggregation included), with one warm-up round that is not timed; serial and
@@ -54,6 +58,7 @@ from harness.registry import method_class
 from harness.seeding import rng, seed_of
 from harness.state import MemoryStore
 from harness.training import torch_threads
+from harness.transport import pack, unpack
 from harness.workbench import Workbench
 
 WORKLOADS = ("mnist", "cifar")
@@ -77,7 +82,7 @@ def workload(clients: int, clients_per_round: int, executors: int, cpus_per_exec
     else:
         raise UserError("--workload", f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
     engine = {"backend": "ray", "executors": executors, "cpus_per_executor": cpus_per_executor,
-              "device": device, "batch_clients": False}
+              "device": device, "batch_clients": False, "start_timeout_s": 600}  # a loaded machine starts slowly
     if device == "cuda":
         engine["gpus_per_executor"] = 1.0 / executors
     raw = {"name": "bench", "seed": 1, "rounds": 1000,
@@ -196,8 +201,9 @@ def _time(bench: Workbench, rounds: int, *runs, compare=None) -> list[float]:
 class _Pool:
     """A multiprocessing pool of worker processes, one torch thread each, each set up once by
     `initializer`; a round's tasks are split into equal contiguous parts, one message each way per
-    worker. Plain pickles both ways: multiprocessing's own pickler would move every tensor into a
-    new shared-memory segment and pass its file descriptor, which costs more than copying the bytes."""
+    worker. Messages are pickled as the Ray engine's are (harness.transport: tensors as numpy
+    arrays): multiprocessing's own pickler would move every tensor into a new shared-memory segment
+    and pass its file descriptor, which costs more than copying the bytes."""
 
     def __init__(self, processes: int, initializer, initargs, work):
         self.processes, self.work = processes, work
@@ -206,9 +212,8 @@ class _Pool:
 
     def run(self, broadcast, tasks):
         size = -(-len(tasks) // self.processes)
-        parts = [pickle.dumps((broadcast, tasks[i:i + size]), pickle.HIGHEST_PROTOCOL)
-                 for i in range(0, len(tasks), size)]
-        return [r for part in self.pool.map(self.work, parts) for r in pickle.loads(part)]
+        parts = [pack((broadcast, tasks[i:i + size])) for i in range(0, len(tasks), size)]
+        return [r for part in self.pool.map(self.work, parts) for r in unpack(part)]
 
     def close(self):
         self.pool.terminate()
@@ -228,78 +233,111 @@ def _init_limit(cfg_json: str, threads: int, device: str = "cpu") -> None:
 
 
 def _limit_chunk(payload: bytes) -> bytes:
-    broadcast, tasks = pickle.loads(payload)
-    return pickle.dumps(_worker["runner"].run(broadcast, tasks), pickle.HIGHEST_PROTOCOL)
+    return pack(_worker["runner"].run(*unpack(payload)))
 
 
 # -- the plain loop -----------------------------------------------------------------------------------
 def _plain_cnn(num_classes: int):
-    """The paper's MNIST CNN as a plain nn.Sequential (the same layers as harness.models.CNN)."""
+    """The paper's MNIST CNN written as plain PyTorch (the layers of harness.models.CNN, under the
+    same parameter names)."""
     import torch.nn as nn
+    import torch.nn.functional as F
 
-    return nn.Sequential(nn.Conv2d(1, 10, 5), nn.MaxPool2d(2), nn.ReLU(), nn.Conv2d(10, 20, 5), nn.MaxPool2d(2),
-                         nn.ReLU(), nn.Flatten(), nn.Linear(320, 50), nn.ReLU(), nn.Linear(50, num_classes))
+    class CNN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2 = nn.Conv2d(1, 10, 5), nn.Conv2d(10, 20, 5)
+            self.fc1, self.fc2 = nn.Linear(320, 50), nn.Linear(50, num_classes)
+
+        def forward(self, x):
+            x = F.relu(F.max_pool2d(self.conv1(x), 2))
+            x = F.relu(F.max_pool2d(self.conv2(x), 2))
+            return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+    return CNN()
 
 
 def _init_plain(cfg_json: str, threads: int, device: str = "cpu") -> None:
-    """The worker's data (every client's normalised training images), model and settings."""
+    """The worker's data (every client's normalised training images, one stacked tensor per client),
+    model and optimizer."""
     import torch
 
     torch.set_num_threads(threads)
     cfg = ExperimentConfig.model_validate_json(cfg_json)
     bench = Workbench(cfg, device=device)  # for the data and the partition only
+    model = _plain_cnn(bench.num_classes).to(device)
+    assert [n for n, _ in model.named_parameters()] == list(bench.param_shapes), "the plain CNN's names differ"
+    t = cfg.train
+    optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
+                                foreach=True)
     _worker.update(cfg=cfg, device=device, data=[bench.train_data(c) for c in range(cfg.clients.total)],
-                   model=_plain_cnn(bench.num_classes).to(device))
+                   model=model, optimizer=optimizer)
 
 
 def _plain_chunk(payload: bytes) -> bytes:
+    """Train the tasks' clients from the broadcast (parameter name -> numpy array); per client its
+    trained parameters as numpy arrays, in the model's order."""
     import torch
     import torch.nn.functional as F
 
     broadcast, tasks = pickle.loads(payload)
-    cfg, model = _worker["cfg"], _worker["model"]
-    names = list(broadcast)  # fedbench's parameter names, in the order of the plain model's parameters
+    cfg, model, optimizer, data = _worker["cfg"], _worker["model"], _worker["optimizer"], _worker["data"]
+    params = list(model.parameters())
+    start = [torch.from_numpy(broadcast[name]).to(_worker["device"]) for name, _ in model.named_parameters()]
     train, results = cfg.train, []
     for task in tasks:
-        model.load_state_dict(dict(zip(model.state_dict(), (broadcast[n].to(_worker["device"]) for n in names))))
-        lr = train.lr * train.lr_decay ** task.round
-        optimizer = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=train.weight_decay)
+        with torch.no_grad():
+            for p, s in zip(params, start):
+                p.copy_(s)
+        optimizer.param_groups[0]["lr"] = train.lr * train.lr_decay ** task.round
+        optimizer.state.clear()  # momentum buffers start at zero for every client
         generator = torch.Generator().manual_seed(seed_of(cfg.seed, "client", task.round, task.client_id))
-        x, y = _worker["data"][task.client_id]
-        loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
-        correct = torch.zeros((), dtype=torch.int64, device=x.device)
+        x, y = data[task.client_id]
         for _ in range(train.epochs):
-            order = torch.randperm(len(y), generator=generator)
-            for start in range(0, len(y), train.batch_size):
-                batch = order[start:start + train.batch_size].to(x.device)
+            order = torch.randperm(len(y), generator=generator).to(x.device)
+            for begin in range(0, len(y), train.batch_size):
+                batch = order[begin:begin + train.batch_size]
                 optimizer.zero_grad()
-                logits = model(x[batch])
-                loss = F.cross_entropy(logits, y[batch])
-                loss.backward()
+                F.cross_entropy(model(x[batch]), y[batch]).backward()
                 optimizer.step()
-                with torch.no_grad():
-                    loss_sum += loss.double() * len(batch)
-                    correct += (logits.argmax(1) == y[batch]).sum()
-        samples = train.epochs * len(y)
-        loss_sum, correct = float(loss_sum), int(correct)
-        trained = {n: v.detach().cpu().clone() for n, v in zip(names, model.state_dict().values())}
-        results.append(ClientResult(task.client_id, task.round, payload=trained, num_samples=len(y),
-                                    train_loss=loss_sum / samples, train_acc=correct / samples))
+        results.append((task.client_id, len(y), [p.detach().to("cpu", copy=True).numpy() for p in params]))
     return pickle.dumps(results, pickle.HIGHEST_PROTOCOL)
 
 
+class _PlainRun:
+    """The plain loop on its pool: the broadcast goes out as numpy arrays, the trained parameters
+    come back as numpy arrays and become results under fedbench's parameter names (FedAvg's payload)."""
+
+    def __init__(self, pool: "_Pool", names: list[str]):
+        self.pool, self.names = pool, names
+
+    def __call__(self, broadcast, tasks) -> list[ClientResult]:
+        import torch
+
+        out = self.pool.run({n: broadcast[n].numpy() for n in self.names}, tasks)
+        return [ClientResult(client_id, task.round, num_samples=samples,
+                             payload={n: torch.from_numpy(a) for n, a in zip(self.names, arrays)})
+                for task, (client_id, samples, arrays) in zip(tasks, out)]
+
+
 class _SameTraining:
-    """Checks, every round, that the plain loop trained every client as fedbench did."""
+    """Checks, every round, that the plain loop trained every client as fedbench did: the same
+    clients, and every trained parameter equal (`max_abs_diff` over all of them, 0.0 when bitwise)."""
 
     def __init__(self, fedbench_run: int, plain_run: int):
-        self.runs, self.same, self.max_loss_rel = (fedbench_run, plain_run), True, 0.0
+        self.runs, self.same, self.max_abs_diff = (fedbench_run, plain_run), True, 0.0
 
     def __call__(self, outputs):
+        import torch
+
         ours, plain = (outputs[k] for k in self.runs)
+        self.same &= [a.client_id for a in ours] == [b.client_id for b in plain]
         for a, b in zip(ours, plain):
-            self.same &= (a.client_id, a.train_acc) == (b.client_id, b.train_acc)
-            self.max_loss_rel = max(self.max_loss_rel, abs(a.train_loss - b.train_loss) / max(abs(a.train_loss), 1e-12))
-        self.same &= self.max_loss_rel <= 1e-5
+            self.same &= a.payload.keys() == b.payload.keys()
+            for name, tensor in b.payload.items():
+                diff = float((a.payload[name] - tensor).abs().max())
+                self.max_abs_diff = max(self.max_abs_diff, diff)
+        self.same &= self.max_abs_diff == 0.0
 
 
 def run_bench(clients_per_round: int = 10, rounds: int = 10, clients: int = 100, executors: int = 2,
@@ -335,7 +373,7 @@ def run_bench(clients_per_round: int = 10, rounds: int = 10, clients: int = 100,
             same = None
             if workload_name == "mnist":
                 pools.append(_Pool(executors, _init_plain, args, _plain_chunk))
-                runs.append(pools[1].run)
+                runs.append(_PlainRun(pools[1], list(bench.param_shapes)))
                 same = _SameTraining(1, 2)
             limit_s, ray_s, *plain = _time(bench, rounds, *runs, compare=same)
             for pool in pools:
@@ -359,7 +397,7 @@ def run_bench(clients_per_round: int = 10, rounds: int = 10, clients: int = 100,
         "plain_s_per_round": round(plain_s, 4) if plain_s else None,
         "ray_vs_plain": round(ray_s / plain_s, 3) if plain_s else None,
         "plain_same_training": same.same if same else None,
-        "plain_max_loss_rel_diff": same.max_loss_rel if same else None,
+        "plain_max_abs_diff": same.max_abs_diff if same else None,
         "ray_vs_serial": round(ray_s / serial_s, 3), "peak_rss_mb": round(memory.peak_rss / 2**20, 1),
         "peak_pss_mb": round(memory.peak_pss / 2**20, 1),
         "batched_s_per_round": round(batched_s, 4), "batched_vs_serial": round(batched_s / serial_s, 3),

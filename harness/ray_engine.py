@@ -4,7 +4,8 @@ Clients are records, not actors: an executor that imported torch costs ~400 MB, 
 executors (each with a fractional CPU/GPU quota) serves hundreds to thousands of clients. Each executor
 builds the experiment's Workbench once (datasets, partition, model templates). Every round the
 broadcast goes into the object store once and each executor gets one call with its share of the
-clients, balanced by their training samples. Results come back in task order, so aggregation order
+clients, balanced by their training samples. Calls and results travel as one pickle each with their
+tensors as numpy arrays (harness/transport.py). Results come back in task order, so aggregation order
 never depends on timing.
 
 The pool lands in the current placement group when there is one (a Ray Tune trial reserves
@@ -24,6 +25,7 @@ from harness.engine import ClientRunner
 from harness.errors import UserError
 from harness.records import ClientResult, ClientTask
 from harness.training import torch_threads
+from harness.transport import pack, unpack
 from harness.workbench import Workbench
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,10 @@ class Executor:
 
     def run(self, broadcast, tasks: list[ClientTask]) -> list[ClientResult]:
         return self.runner.run(broadcast, tasks)
+
+    def run_packed(self, broadcast: bytes, tasks: bytes) -> bytes:
+        """`run` on packed arguments (harness.transport.pack), its results packed."""
+        return pack(self.run(unpack(broadcast), unpack(tasks)))
 
 
 def connect(include_dashboard: bool = False) -> None:
@@ -303,7 +309,8 @@ class RayEngine:
         from ray.exceptions import RayActorError
 
         # A small broadcast travels inside the calls; a larger one goes into the object store once.
-        broadcast_ref = broadcast if _nbytes(broadcast) < INLINE_BYTES else ray.put(broadcast)
+        packed = pack(broadcast)
+        broadcast_ref = packed if len(packed) < INLINE_BYTES else ray.put(packed)
         calls = []  # (pool, executor, indices of its tasks, the call)
         for pool in self.pools:
             mine = [i for i, t in enumerate(tasks) if self.pool_of_tier[t.tier.name] is pool]
@@ -311,22 +318,23 @@ class RayEngine:
             for k, share in enumerate(shares):
                 if share:
                     indices = [mine[j] for j in share]
-                    calls.append((pool, k, indices, pool.actors[k].run.remote(broadcast_ref, [tasks[i] for i in indices])))
+                    share_packed = pack([tasks[i] for i in indices])
+                    calls.append((pool, k, indices, share_packed,
+                                  pool.actors[k].run_packed.remote(broadcast_ref, share_packed)))
         results: list[ClientResult | None] = [None] * len(tasks)
-        for pool, k, indices, ref in calls:
-            share = [tasks[i] for i in indices]
+        for pool, k, indices, share_packed, ref in calls:
             for attempt in range(MAX_RESTARTS + 1):
                 try:
-                    chunk = ray.get(ref)
+                    chunk = unpack(ray.get(ref))
                     break
                 except RayActorError as e:  # the process died: the same calls on a new executor
                     if attempt == MAX_RESTARTS:
-                        chunk = [ClientResult(t.client_id, t.round, status="error",
+                        chunk = [ClientResult(tasks[i].client_id, tasks[i].round, status="error",
                                               error=f"executor died {attempt + 1} times: {type(e).__name__}")
-                                 for t in share]
+                                 for i in indices]
                         break
                     self._replace(pool, k)
-                    ref = pool.actors[k].run.remote(broadcast_ref, share)
+                    ref = pool.actors[k].run_packed.remote(broadcast_ref, share_packed)
             for i, result in zip(indices, chunk):
                 results[i] = result
         return results
@@ -340,17 +348,6 @@ class RayEngine:
 
 
 INLINE_BYTES = 96 * 1024  # below Ray's limit for arguments sent inside a call (100 KiB)
-
-
-def _nbytes(value) -> int:
-    """Bytes of the tensors and arrays in a (nested) broadcast; other values count as small."""
-    if hasattr(value, "nbytes"):
-        return int(value.nbytes)
-    if isinstance(value, dict):
-        return sum(_nbytes(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return sum(_nbytes(v) for v in value)
-    return 0
 
 
 def balanced_shares(work: list[float], executors: int) -> list[list[int]]:

@@ -62,10 +62,14 @@ def threads(n: int):
 
 
 # -- the rule -----------------------------------------------------------------------------------------
-def minibatches(n: int, batch_size: int, epochs: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """A client's minibatches: per epoch one permutation of its n samples, cut into batches."""
+def minibatches(n: int, batch_size: int, epochs: int, generator: torch.Generator,
+                device: torch.device | None = None) -> Iterator[torch.Tensor]:
+    """A client's minibatches: per epoch one permutation of its n samples (drawn on the CPU, moved to
+    `device` once), cut into batches."""
     for _ in range(epochs):
         order = torch.randperm(n, generator=generator)
+        if device is not None:
+            order = order.to(device)
         for start in range(0, n, batch_size):
             yield order[start:start + batch_size]
 
@@ -280,14 +284,15 @@ def train_alone(job: LocalJob, model: nn.Module) -> None:
     fixed_masks = [(job.update_masks or {}).get(n) for n, _ in named] if job.update_masks else None
     extra_lr = hooks.extra_lr if hooks.extra_lr is not None else lr
     absent = ~job.class_mask.to(job.x.device) if job.class_mask is not None else None
-    device = job.x.device
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    samples = steps = 0
-    for batch in minibatches(len(job.y), train.batch_size, train.epochs, job.generator):
+    # Per step the loss, the logits and the labels are kept (no arithmetic, no synchronisation);
+    # the loss and accuracy are computed from them once, after training.
+    losses: list[torch.Tensor] = []
+    outputs: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
+    steps = 0
+    for batch in minibatches(len(job.y), train.batch_size, train.epochs, job.generator, job.x.device):
         if job.max_steps is not None and steps >= job.max_steps:
             break
-        batch = batch.to(device)
         xb, yb = job.x[batch], job.y[batch]
         if hooks.before_batch is not None:
             hooks.before_batch()
@@ -322,9 +327,9 @@ def train_alone(job: LocalJob, model: nn.Module) -> None:
             for p in hooks.extra_params:
                 if p.grad is not None:
                     p.sub_(p.grad, alpha=extra_lr)
-            loss_sum += loss.detach().double() * len(yb)
-            correct += (logits.argmax(1) == yb).sum()
-        samples += len(yb)
+        losses.append(loss.detach())
+        outputs.append(logits.detach())
+        labels.append(yb)
         steps += 1
     for p in params:
         p.grad = None
@@ -334,7 +339,21 @@ def train_alone(job: LocalJob, model: nn.Module) -> None:
             job.grad_importance = masked.importance
             job.dense_importance = float(masked.dense)
     job.trained = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    job.stats = TrainStats(float(loss_sum) / max(samples, 1), int(correct) / max(samples, 1), samples, steps)
+    job.stats = _stats(losses, outputs, labels)
+
+
+def _stats(losses: list[torch.Tensor], outputs: list[torch.Tensor], labels: list[torch.Tensor]) -> TrainStats:
+    """The mean loss and the accuracy over the samples of every step, from each step's mean loss,
+    logits and labels: the loss summed in float64 step by step (mean x batch size, in step order)."""
+    if not losses:
+        return TrainStats(0.0, 0.0, 0, 0)
+    sizes = [len(y) for y in labels]
+    loss_sum = 0.0
+    for loss, size in zip(torch.stack(losses).tolist(), sizes):
+        loss_sum += loss * size
+    samples = sum(sizes)
+    correct = int((torch.cat(outputs).argmax(1) == torch.cat(labels)).sum())
+    return TrainStats(loss_sum / samples, correct / samples, samples, len(losses))
 
 
 # -- evaluation -----------------------------------------------------------------------------------------
