@@ -196,15 +196,10 @@ def evaluate_personal(bench, global_state: State,
     on every client's test sets."""
     dense = bench.evaluate_global(global_state)
     clients = {kind: acc.copy() for kind, acc in dense.clients.items()}
-    data = bench.dataset
-    for cid in range(len(bench.clients)):
-        own = personal(cid)
+    for k, cid in enumerate(bench.clients.eval_ids):  # the order of Evaluation's arrays
+        own = personal(int(cid))
         if own is None:
             continue
-        # one pass over the client's test images of every construction
-        index = [bench.test_index[kind][cid] for kind in TEST_SETS]
-        idx = torch.cat(index)
-        correct = correct_per_sample(model_holding(bench, *own), data.x_test[idx], data.y_test[idx], data.normalize)
-        for kind, part in zip(TEST_SETS, torch.split(correct, [len(i) for i in index])):
-            clients[kind][cid] = float(part.float().mean()) if len(part) else math.nan
+        for kind, acc in bench.accuracy_on_client(model_holding(bench, *own), int(cid)).items():
+            clients[kind][k] = acc
     return Evaluation(clients=clients, global_clients=dense.clients, acc_global=dense.acc_global)

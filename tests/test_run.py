@@ -50,7 +50,7 @@ def test_cli_quickstart_contract(tmp_path, capsys):
                  "--set", "engine.backend=serial", "--set", "clients.per_round=3", "--out", str(out), "--quiet"])
     assert code == 0
     folders = sorted(p.name for p in out.iterdir() if p.is_dir())
-    assert folders == ["quickstart_seed1", "quickstart_seed2"]  # the method axis reduced to FedAvg; two seeds
+    assert folders == ["quickstart_seed1", "quickstart_seed2", "quickstart_seed3"]  # the method axis reduced to FedAvg
     for folder in folders:
         for name in ("rounds.parquet", "clients.parquet", "summary.parquet", "config.yaml"):
             assert (out / folder / name).exists()
