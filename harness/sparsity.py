@@ -27,7 +27,6 @@ import numpy as np
 import torch
 
 from harness.cost import FlopMeter, sparse_bytes
-from harness.data import TEST_SETS
 from harness.models import CLASSES, Dim, ModelSpec
 from harness.records import Evaluation
 from harness.seeding import rng
