@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from harness.availability import Availability
-from harness.batched.groups import train_alone
+from harness.batched.groups import train_single
 from harness.config import ExperimentConfig
 from harness.cost import DeviceAssigner, FlopMeter
 from harness.data import TEST_SETS, Dataset, Partition
@@ -104,7 +104,7 @@ class Workbench:
         """Train a job in this process as an executor would (its thread count): for training on the
         server, such as PruneFL's initial pruning."""
         with threads(torch_threads(self.cfg.engine.cpus_per_executor)):
-            train_alone(job, self)
+            train_single(job, self)
 
     def init_global_state(self) -> dict[str, torch.Tensor]:
         with torch.random.fork_rng(devices=[]):

@@ -110,14 +110,14 @@ def client_of(strategy):
 
 def local_update(strategy, broadcast, task):
     """One client's work in this process, one by one; exceptions propagate."""
-    from harness.batched.groups import train_alone
+    from harness.batched.groups import train_single
 
     work = client_of(strategy).work(broadcast, task)
     try:
         jobs = next(work)
         while True:
             for job in jobs if isinstance(jobs, list) else [jobs]:
-                train_alone(job, strategy.bench)
+                train_single(job, strategy.bench)
             jobs = work.send(None)
     except StopIteration as done:
         return done.value

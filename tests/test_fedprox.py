@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from baselines.fedprox import ProximalRule
-from harness.batched.groups import train_alone
+from harness.batched.groups import train_single
 from conftest import client_of, local_update, local_update_batch, round_tasks, started
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -25,7 +25,7 @@ def tiered_tasks(bench, strategy, clients):
 def trained(strategy, broadcast, task, steps):
     job = client_of(strategy).local_job(broadcast, task)
     job.max_steps = steps
-    train_alone(job, strategy.bench)
+    train_single(job, strategy.bench)
     return job.trained
 
 
@@ -75,7 +75,7 @@ def test_partial_work_by_tier(config):
         steps = 2 * math.ceil(len(job.y) / job.train.batch_size)
         want = None if task.instruction >= 1 else max(1, math.ceil(steps * task.instruction - 1e-9))
         assert job.max_steps == want
-        train_alone(job, bench)
+        train_single(job, bench)
         assert job.stats.steps == (want or steps)
     assert [t.instruction for t in tasks] == [t.compute_mflops / fastest for t in tiers]
 

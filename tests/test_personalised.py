@@ -86,8 +86,8 @@ def test_per_fedavg_one_harness_step_equals_autograd_by_hand(config, version):
     job.max_steps = 1
     order = torch.randperm(len(job.y), generator=bench.generator(0, 3))  # the job's first epoch
     d, d2, d3 = order[:10], order[10:20], order[20:30]
-    from harness.batched.groups import train_alone
-    train_alone(job, bench)
+    from harness.batched.groups import train_single
+    train_single(job, bench)
     model = bench.build()
     names = [n for n, _ in model.named_parameters()]
     w = [broadcast[n].clone().requires_grad_(True) for n in names]

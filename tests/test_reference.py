@@ -301,14 +301,14 @@ def test_fedlps_reference_masked_units_keep_training_their_bias_and_outputs(conf
 
 
 def test_fedlps_reference_scores_decay_with_the_weights_optimizer(config):
-    from harness.batched.groups import train_alone
+    from harness.batched.groups import train_single
 
     cfg = config(**{"method.name": "fedlps", **REFERENCE, "method.lam": 0.0, "method.keep_ratio_policy": "rcr",
                     "train.weight_decay": 0.01, "train.lr": 0.5})
     bench, strategy = started(cfg)
     job = client_of(strategy).local_job(strategy.global_state, ClientTask(2, 0, tier(0.5), {"keep_ratio": 0.5}))
     before = {gr: s.detach().clone() for gr, s in job.context["scores"].items()}
-    train_alone(job, bench)
+    train_single(job, bench)
     # no task gradient and no regulariser: each step s <- s - lr x (0 + weight_decay x s), every score
     for gr, s in job.context["scores"].items():
         expected = before[gr].clone()

@@ -37,7 +37,7 @@ def train_group(jobs: list[LocalJob], bench, graphs: GraphCache | None = None) -
     run(make(rows), jobs, plan)
 
 
-def train_alone(job: LocalJob, bench) -> None:
+def train_single(job: LocalJob, bench) -> None:
     """Train one job by itself: a job with a rule as a group of one of the functional program, any
     other on `bench.loaded(job)` (this process's model of the job's spec, loaded)."""
     if job.functional:
@@ -77,7 +77,7 @@ def train_jobs(jobs: list[LocalJob], bench, graphs: GraphCache | None = None,
             alone.extend(members)
     for i in sorted(alone):
         try:
-            train_alone(jobs[i], bench)
+            train_single(jobs[i], bench)
         except Exception as e:  # noqa: BLE001 - a client's failure is data
             errors[i] = e
     return errors
