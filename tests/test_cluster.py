@@ -3,7 +3,6 @@ tiny sweep with token authentication on, its Parquet output checked, and the hea
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from ports import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -29,52 +29,79 @@ tune: {max_concurrent_trials: 1, executors_per_trial: 1, cpus_per_executor: 0.5,
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class Node:
+    """`ray start --block` of one node in a temporary folder of its own, on a loopback address."""
+
+    def __init__(self, ip: str, args: list[str], env: dict):
+        self.ip = ip
+        self.temp = tempfile.mkdtemp(prefix="rn", dir="/tmp")  # short: Ray's socket paths have a length limit
+        self.log = open(Path(self.temp) / "node.log", "w")
+        flags = ["--node-manager-port", "--object-manager-port", "--metrics-export-port",
+                 "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port"]
+        self.proc = subprocess.Popen(
+            [str(BIN / "ray"), "start", "--block", f"--node-ip-address={ip}", f"--temp-dir={self.temp}",
+             *[f"{flag}={port}" for flag, port in zip(flags, free_ports(len(flags)))], *args],
+            env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def raylet(self):
+        import psutil
+
+        return next(p for p in psutil.Process(self.proc.pid).children(recursive=True) if p.name() == "raylet")
+
+    def stop(self) -> list[str]:
+        if self.proc.poll() is None:
+            self.proc.terminate()  # `ray start --block` stops the processes it started
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, 9)
+                self.proc.wait()
+        self.log.close()
+        deadline = time.monotonic() + 30
+        while True:  # processes of this node (their command lines name its folder) that still run
+            left = subprocess.run(["pgrep", "-f", self.temp], capture_output=True, text=True).stdout.split()
+            if not left or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        self.output = (Path(self.temp) / "node.log").read_text()[-3000:]
+        shutil.rmtree(self.temp, ignore_errors=True)
+        return left if not left else left + [self.output]
+
+
+def start_head(env: dict, num_cpus: int) -> tuple["Node", str, int]:
+    """A head on 127.0.0.2 (Ray replaces 127.0.0.1 by the machine's outward address; the rest of loopback
+    it keeps) with its dashboard on 127.0.0.1: the node, the dashboard's address and the GCS port. A head
+    that exits before its dashboard answers is started again on other ports, twice at most."""
+    for attempt in range(3):
+        port, dashboard, client = free_ports(3)
+        head = Node("127.0.0.2", ["--head", f"--port={port}", f"--num-cpus={num_cpus}", "--include-dashboard=true",
+                                  "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                                  f"--ray-client-server-port={client}"], env)
+        address = f"http://127.0.0.1:{dashboard}"
+        deadline = time.monotonic() + 90
+        while head.proc.poll() is None and time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"{address}/api/version", timeout=2)
+                return head, address, port
+            except urllib.error.HTTPError:  # answering, if only to ask for the token
+                return head, address, port
+            except OSError:
+                time.sleep(1)
+        head.stop()
+        assert attempt < 2, f"the Ray head did not start, three times; the last one's log: {head.output}"
 
 
 @pytest.fixture
 def ray_head():
-    ray = BIN / "ray"
-    if not ray.exists():
+    if not (BIN / "ray").exists():
         pytest.skip("the ray command is not installed next to this Python")
-    temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths have a length limit
-    dashboard = free_port()
     env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", RAY_USAGE_STATS_ENABLED="0")
     env.pop("RAY_ADDRESS", None)
-    log = open(Path(temp) / "head.log", "w")
-    # 127.0.0.2: Ray replaces 127.0.0.1 by the machine's outward address; the rest of loopback it keeps
-    head = subprocess.Popen(
-        [str(ray), "start", "--head", "--block", "--node-ip-address=127.0.0.2", f"--port={free_port()}",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-         f"--metrics-export-port={free_port()}", "--num-cpus=2", f"--temp-dir={temp}"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dashboard}"
+    head, address, _ = start_head(env, num_cpus=2)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"{address}/api/version", timeout=2)
-                break
-            except urllib.error.HTTPError:  # answering, if only to ask for the token
-                break
-            except OSError:
-                if head.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"the Ray head did not start: {(Path(temp) / 'head.log').read_text()[-2000:]}")
-                time.sleep(1)
         yield address, env
     finally:
-        head.terminate()  # `ray start --block` stops the processes of the cluster it started
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, 9)
-        log.close()
-        left = subprocess.run(["pgrep", "-f", temp], capture_output=True, text=True).stdout.split()
-        shutil.rmtree(temp, ignore_errors=True)
+        left = head.stop()
         assert not left, f"processes of the test's head still run: {left}"
 
 
@@ -101,49 +128,10 @@ checkpoint_every: 1
 data: {dataset: mnist-5k, split: {kind: shards, shards_per_client: 2, shard_size: 20}}
 clients: {total: 20, per_round: 4}
 model: {name: cnn}
-method: {name: "tests.faulty:SlowFedAvg", round_s: 1}
+method: {name: "tests.faulty:SlowFedAvg", round_s: 3}
 grid: {seed: [1, 2]}
 tune: {max_concurrent_trials: 2, executors_per_trial: 1, cpus_per_executor: 0.5, driver_cpus: 0.25, verbose: 0}
 """
-
-
-class Node:
-    """`ray start --block` of one node in a temporary folder of its own, on a loopback address."""
-
-    def __init__(self, ip: str, args: list[str], env: dict):
-        self.ip = ip
-        self.temp = tempfile.mkdtemp(prefix="rn", dir="/tmp")  # short: Ray's socket paths have a length limit
-        self.log = open(Path(self.temp) / "node.log", "w")
-        ports = ["--node-manager-port", "--object-manager-port", "--metrics-export-port",
-                 "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port"]
-        self.proc = subprocess.Popen(
-            [str(BIN / "ray"), "start", "--block", f"--node-ip-address={ip}", f"--temp-dir={self.temp}",
-             *[f"{p}={free_port()}" for p in ports], *args],
-            env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def raylet(self):
-        import psutil
-
-        return next(p for p in psutil.Process(self.proc.pid).children(recursive=True) if p.name() == "raylet")
-
-    def stop(self) -> list[str]:
-        if self.proc.poll() is None:
-            self.proc.terminate()  # `ray start --block` stops the processes it started
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, 9)
-                self.proc.wait()
-        self.log.close()
-        deadline = time.monotonic() + 30
-        while True:  # processes of this node (their command lines name its folder) that still run
-            left = subprocess.run(["pgrep", "-f", self.temp], capture_output=True, text=True).stdout.split()
-            if not left or time.monotonic() > deadline:
-                break
-            time.sleep(1)
-        text = (Path(self.temp) / "node.log").read_text()[-3000:]
-        shutil.rmtree(self.temp, ignore_errors=True)
-        return left if not left else left + [text]
 
 
 @pytest.mark.slow
@@ -166,22 +154,9 @@ def test_a_node_killed_mid_sweep_its_trial_continues_elsewhere_with_the_same_row
     with s3_server() as (aws, fs):
         env = dict(os.environ, **aws, PATH=f"{BIN}:{os.environ['PATH']}", RAY_USAGE_STATS_ENABLED="0")
         env.pop("RAY_ADDRESS", None)
-        port, dashboard = free_port(), free_port()
-        nodes = [Node("127.0.0.2", ["--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=true",
-                                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-                                    f"--ray-client-server-port={free_port()}"], env)]
+        head, address, port = start_head(env, num_cpus=1)
+        nodes = [head]
         try:
-            address = f"http://127.0.0.1:{dashboard}"
-            deadline = time.monotonic() + 90
-            while True:
-                try:
-                    urllib.request.urlopen(f"{address}/api/version", timeout=2)
-                    break
-                except urllib.error.HTTPError:
-                    break
-                except OSError:
-                    assert nodes[0].proc.poll() is None and time.monotonic() < deadline, "the head did not start"
-                    time.sleep(1)
             nodes.append(Node("127.0.0.3", [f"--address=127.0.0.2:{port}", "--num-cpus=1"], env))
             time.sleep(5)
             job_log = open(tmp_path / "job.log", "w")
@@ -220,7 +195,7 @@ def test_a_node_killed_mid_sweep_its_trial_continues_elsewhere_with_the_same_row
                                         "method": cfg.method.model_copy(update={"round_s": 0.0})})
         Experiment(serial).run()
     for table, keys in (("rounds", ["experiment", "round"]), ("clients", ["experiment", "round", "client_id"])):
-        assert set(fs_rows[table]["method_label"]) == {"tests.faulty:SlowFedAvg-round_s-1"}
+        assert set(fs_rows[table]["method_label"]) == {"tests.faulty:SlowFedAvg-round_s-3"}
         wall = [c for c in ("wall_s", "wall_total_s", "method_label", "method_title") if c in fs_rows[table]]
         a = fs_rows[table].drop(columns=wall).sort_values(keys).reset_index(drop=True)
         b = load_rows(tmp_path / "serial", table).drop(columns=wall).sort_values(keys).reset_index(drop=True)
