@@ -253,7 +253,7 @@ class FedLPSClient(Client):
         return hooks
 
     def local_result(self, global_state, task: ClientTask, job: LocalJob) -> ClientResult:
-        bench, p = self.bench, self.params
+        bench = self.bench
         stats, y = job.stats, job.y
         rho, widths, current, scores = (job.context[k] for k in ("rho", "widths", "current", "scores"))
         learnable, paper = job.context["learnable"], job.context["paper"]

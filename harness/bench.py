@@ -328,8 +328,6 @@ class _SameTraining:
         self.runs, self.same, self.max_abs_diff = (fedbench_run, plain_run), True, 0.0
 
     def __call__(self, outputs):
-        import torch
-
         ours, plain = (outputs[k] for k in self.runs)
         self.same &= [a.client_id for a in ours] == [b.client_id for b in plain]
         for a, b in zip(ours, plain):

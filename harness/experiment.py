@@ -8,12 +8,9 @@ keep in their own state.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np

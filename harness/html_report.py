@@ -323,7 +323,7 @@ def _strip(mean: float, std: float, p10: float, low: float) -> str:
     def x(v):
         return 4 + 152 * (min(max(v, low), 100) - low) / (100 - low)
 
-    parts = [f'<line class="axis" x1="4" x2="156" y1="13" y2="13"/>']
+    parts = ['<line class="axis" x1="4" x2="156" y1="13" y2="13"/>']
     if np.isfinite(std):
         parts.append(f'<rect class="sd" x="{x(mean - std):.1f}" y="5" width="{x(mean + std) - x(mean - std):.1f}" '
                      f'height="8"/>')

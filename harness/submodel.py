@@ -65,19 +65,33 @@ def _axis_index(name: str, axis: int, dim: Dim, index_sets: IndexSets, axis_inde
     return _dim_index(dim, index_sets)
 
 
+def _as_slice(idx: torch.Tensor | None) -> slice | None:
+    """The same coordinates as a slice when they are all of the axis or one increasing run."""
+    if idx is None:
+        return slice(None)
+    n = idx.numel()
+    if n and int(idx[-1]) - int(idx[0]) == n - 1 and bool((idx.diff() == 1).all()):
+        return slice(int(idx[0]), int(idx[0]) + n)
+    return None
+
+
 def _region(name: str, dims: tuple[Dim, ...], index_sets: IndexSets, shape: torch.Size, axis_index: AxisIndex | None):
-    """Broadcastable index tensors addressing a client's coordinates in a global tensor."""
+    """Indices addressing a client's coordinates in a global tensor: slices (a view, updated in place)
+    where every axis is whole or one run of units, broadcastable index tensors otherwise."""
     if not dims:
         return (...,)
-    index = []
-    for axis, dim in enumerate(dims):
-        idx = _axis_index(name, axis, dim, index_sets, axis_index)
+    indices = [_axis_index(name, axis, dim, index_sets, axis_index) for axis, dim in enumerate(dims)]
+    slices = [_as_slice(idx) for idx in indices]
+    if all(s is not None for s in slices):
+        return tuple(slices)
+    region = []
+    for axis, idx in enumerate(indices):
         if idx is None:
             idx = torch.arange(shape[axis])
         view = [1] * len(dims)
         view[axis] = -1
-        index.append(idx.view(view))
-    return tuple(index)
+        region.append(idx.view(view))
+    return tuple(region)
 
 
 @dataclass
@@ -114,7 +128,7 @@ def aggregate(global_state: State, layout: dict[str, tuple[Dim, ...]],
             if name not in c.state:
                 continue
             values = c.state[name].to(g.dtype)
-            weight = torch.full_like(values, float(c.weight))
+            weight = float(c.weight)
             if c.class_rows is not None and dims and dims[0].group == CLASSES:
                 weight = weight * c.class_rows.to(g.dtype).view(-1, *([1] * (values.dim() - 1)))
             if name in c.coordinate_weights:

@@ -58,14 +58,14 @@ METHODS = {
 @pytest.mark.slow
 @pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_gives_identical_rows_serially_and_on_ray_pools(ray_session, config, method):
-    """The executors' copies of the strategy (built there from the config) behave as the driver's."""
+    """The executors' copies of the strategy (built there from the config) behave as the driver's
+    (pools of other sizes: the test above, on FedAvg)."""
     base = {"rounds": 2, "clients.per_round": 6, **METHODS[method]}
     serial = config(name=f"{method}-serial", **base, **{"engine.backend": "serial"})
     Experiment(serial).run()
-    for n in (1, 2):
-        cfg = config(name=f"{method}-ray{n}", **base, **{"engine.backend": "ray", "engine.executors": n})
-        Experiment(cfg).run()
-        assert_same(read(serial), read(cfg))
+    cfg = config(name=f"{method}-ray", **base, **{"engine.backend": "ray", "engine.executors": 2})
+    Experiment(cfg).run()
+    assert_same(read(serial), read(cfg))
 
 
 def test_fractional_logical_gpus_all_run_at_once(ray_session, config):
@@ -110,7 +110,7 @@ def test_a_raising_client_is_recorded_and_the_round_goes_on(ray_session, config)
 
 
 def test_a_killed_executor_is_replaced_and_results_do_not_change(ray_session, config):
-    base = {"rounds": 3, "clients.per_round": 6, "train.epochs": 20}
+    base = {"rounds": 2, "clients.per_round": 6, "train.epochs": 10}
     reference = config(name="undisturbed", **base, **{"engine.backend": "serial"})
     Experiment(reference).run()
 

@@ -43,7 +43,7 @@ def test_every_run_evaluates_on_both_test_set_constructions(config):
 
 # -- HeteroFL reference ---------------------------------------------------------------------------------
 def test_heterofl_reference_narrows_as_the_authors_models():
-    from baselines.heterofl import HeteroFL, reference_full_groups
+    from baselines.heterofl import reference_full_groups
     from harness.models import build_model
 
     assert reference_full_groups(build_model("cnn", 10, (1, 28, 28))) == {"fc1"}

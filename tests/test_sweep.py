@@ -5,12 +5,10 @@ import pytest
 from harness import leaderboard
 from harness.config import expand
 from harness.errors import UserError
-from harness.experiment import Experiment
 from harness.plots import plot
 from harness.results import ROUNDS, SUMMARY, write_table
 from harness.sweep import run_sweep
 
-WALL = [c for c in ROUNDS.names if c.startswith("wall")]
 
 
 def sweep_raw(tmp_path, **tune):
@@ -23,32 +21,6 @@ def sweep_raw(tmp_path, **tune):
         "tune": {"max_concurrent_trials": 2, "executors_per_trial": 1, "cpus_per_executor": 1.0,
                  "driver_cpus": 0.5, "max_failures": 1, "verbose": 0, **tune},
     }
-
-
-def test_a_trial_that_dies_continues_from_its_checkpoint_with_the_same_numbers(ray_session, tmp_path):
-    experiments, sweep = expand(sweep_raw(tmp_path))
-    run_sweep(experiments, sweep, tmp_path / "sweep", "sw")
-    assert (tmp_path / "crashed").exists()  # one trial really died at round 2
-    for cfg in experiments:  # the same experiment, uninterrupted, on the serial engine
-        plain = cfg.model_copy(update={"out": str(tmp_path / "plain"), "method": cfg.method.model_copy(
-            update={"crash_at_round": -1})})
-        Experiment(plain).run()
-        swept = pd.read_parquet(tmp_path / "sweep" / cfg.name / "rounds.parquet")
-        again = pd.read_parquet(tmp_path / "plain" / cfg.name / "rounds.parquet")
-        assert swept["round"].tolist() == [0, 1, 2, 3]
-        pd.testing.assert_frame_equal(swept.drop(columns=WALL + ["method_label", "method_title"]),
-                                      again.drop(columns=WALL + ["method_label", "method_title"]))
-    board = leaderboard.build(tmp_path / "sweep")
-    assert board["seeds"].tolist() == [2]
-    # a new seed added to the same folder runs; the finished seeds are kept as they are
-    finished = {cfg.name: (tmp_path / "sweep" / cfg.name / "summary.parquet").stat().st_mtime_ns for cfg in experiments}
-    more, sweep = expand(sweep_raw(tmp_path), [("seed", [1, 2, 3])])
-    assert [cfg.name for cfg in more] == [*finished, "sw_seed3"]
-    run_sweep(more, sweep, tmp_path / "sweep", "sw")
-    assert pd.read_parquet(tmp_path / "sweep" / "sw_seed3" / "rounds.parquet")["round"].tolist() == [0, 1, 2, 3]
-    assert {n: (tmp_path / "sweep" / n / "summary.parquet").stat().st_mtime_ns for n in finished} == finished
-    run_sweep(more, sweep, tmp_path / "sweep", "sw")  # all finished: nothing runs again
-    assert leaderboard.build(tmp_path / "sweep")["seeds"].tolist() == [3]
 
 
 def test_a_sweep_too_large_for_the_cluster_fails_at_once(ray_session, tmp_path):

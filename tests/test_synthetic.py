@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from harness.availability import Availability, sample_clients
-from harness.config import DataConfig, DevicesConfig, SplitConfig
+from harness.config import DevicesConfig, SplitConfig
 from harness.cost import DeviceAssigner
 from harness.data import natural_partition
 from harness.errors import ConfigError, UserError
