@@ -51,6 +51,7 @@ generator's state) round-trips through `to_dict` / `from_dict` as plain data, fo
 """
 from __future__ import annotations
 
+import array
 import math
 import random
 from dataclasses import dataclass, field
@@ -70,13 +71,17 @@ def exploration_log(horizon: float, num_arms: int, decisions: int) -> float:
 
 
 def _rng_state(rng: random.Random) -> list:
+    """The generator's state as plain data; its 625 words as one bytes value, since stored states go
+    through the state store's safe (and per object slow) unpickler every round."""
     version, internal, gauss = rng.getstate()
-    return [version, list(internal), gauss]
+    return [version, array.array("Q", internal).tobytes(), gauss]
 
 
 def _rng_of(state: list) -> random.Random:
     rng = random.Random()
     version, internal, gauss = state
+    if isinstance(internal, bytes):
+        internal = array.array("Q", internal)
     rng.setstate((version, tuple(internal), gauss))
     return rng
 

@@ -457,8 +457,8 @@ class _TimedEngine:
     def __init__(self, engine):
         self.engine, self.name, self.started_at, self.run_s = engine, engine.name, None, []
 
-    def start(self, bench, strategy=None):
-        self.engine.start(bench, strategy)
+    def start(self, bench):
+        self.engine.start(bench)
         self.started_at = time.time()
 
     def run(self, broadcast, tasks):

@@ -8,8 +8,9 @@ has separate namespaces for the state that travels with its task ("client") and 
 keeps about it.
 
 Stored values and checkpoints hold tensors and plain data only (None, bool, int, float, str, bytes,
-lists, tuples, dicts), so `torch.load(weights_only=True)` reads them and never runs pickled code:
-`dumps` refuses anything else, `loads` refuses to unpickle anything else.
+lists, tuples, dicts), so `torch.load(weights_only=True)`, or for values without tensors an unpickler
+that knows no global at all, reads them and never runs pickled code: `dumps` refuses anything else,
+`loads` refuses to unpickle anything else.
 """
 from __future__ import annotations
 
@@ -25,31 +26,50 @@ from typing import Any, Iterator
 
 import torch
 
-_SCALARS = (type(None), bool, int, float, str, bytes, torch.dtype, torch.device, torch.Size)
+_BUILTINS = (type(None), bool, int, float, str, bytes)
+_SCALARS = (*_BUILTINS, torch.dtype, torch.device, torch.Size)
 
 
-def check_plain(value: Any, where: str = "state") -> None:
-    """Raise TypeError naming the first part of `value` that is not a tensor or plain data."""
+def check_plain(value: Any, where: str = "state") -> bool:
+    """Raise TypeError naming the first part of `value` that is not a tensor or plain data. True when
+    `value` holds Python's own types only (no tensor, dtype, device, size or ordered dict)."""
+    builtins_only = True
     stack = [(value, where)]
     while stack:
         v, at = stack.pop()
+        if type(v) in _BUILTINS:
+            continue
         if isinstance(v, _SCALARS) or isinstance(v, torch.Tensor):
+            builtins_only = False
             continue
         if type(v) in (dict, collections.OrderedDict):
+            builtins_only = builtins_only and type(v) is dict
             for k, item in v.items():
                 if not isinstance(k, (str, int)):
                     raise TypeError(f"{at} has a key of type {type(k).__name__}; keys must be str or int")
+                builtins_only = builtins_only and type(k) in (str, int)
                 stack.append((item, f"{at}.{k}"))
         elif type(v) in (list, tuple):
             stack.extend((item, f"{at}[{i}]") for i, item in enumerate(v))
         else:
             raise TypeError(f"{at} is a {type(v).__module__}.{type(v).__qualname__}; state must hold tensors and "
                             f"plain data (None, bool, int, float, str, bytes, list, tuple, dict) only")
+    return builtins_only
+
+
+class _BuiltinsOnly(pickle.Unpickler):
+    """Python's own types need no global: a pickle that names one is not a value `dumps` wrote."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"global '{module}.{name}' is not plain data")
 
 
 def dumps(value: Any, where: str = "state") -> bytes:
-    """`value` (tensors and plain data) as bytes that torch.load(weights_only=True) reads."""
-    check_plain(value, where)
+    """`value` (tensors and plain data) as bytes that `loads` reads: a plain pickle when it holds
+    Python's own types only (a bandit's state: read and written every round, where torch.save's zip
+    archive and its weights-only unpickler cost a millisecond each), torch.save's archive otherwise."""
+    if check_plain(value, where):
+        return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
     buf = io.BytesIO()
     torch.save(value, buf)
     return buf.getvalue()
@@ -58,6 +78,8 @@ def dumps(value: Any, where: str = "state") -> bytes:
 def loads(blob: bytes, where: str = "state") -> Any:
     """The value of `dumps`; anything that would need arbitrary unpickling is refused."""
     try:
+        if blob[:2] != b"PK":  # not torch.save's zip archive: a pickle of Python's own types
+            return _BuiltinsOnly(io.BytesIO(blob)).load()
         return torch.load(io.BytesIO(blob), weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -1,6 +1,5 @@
 """FedLPS: P-UCBV by hand, masks and scores, personalised evaluation, resuming, end to end."""
 import copy
-import json
 import math
 import random
 
@@ -15,6 +14,7 @@ from fedlps.pucbv import PUCBV, Arm, utility
 from fedlps.strategy import FedLPS, FedLPSParams
 from harness.cost import client_time
 from harness.experiment import Experiment
+from harness.state import dumps, loads
 from harness.records import ClientResult, ClientSlot, ClientTask
 from harness.state import MemoryStore
 from harness.submodel import unit_l1_norms
@@ -115,7 +115,7 @@ def test_pucbv_is_reproducible_and_checkpointable():
     a, b = PUCBV.new(seed=7, horizon=10.0), PUCBV.new(seed=7, horizon=10.0)
     assert play(a, 12) == play(b, 12)
     assert play(PUCBV.new(seed=8, horizon=10.0), 12) != play(PUCBV.new(seed=7, horizon=10.0), 12)
-    state = json.loads(json.dumps(a.to_dict()))  # plain data
+    state = loads(dumps(a.to_dict()))  # through the state store: plain data
     resumed = PUCBV.from_dict(state)
     assert resumed.to_dict() == a.to_dict()
     assert play(resumed, 8) == play(a, 8)

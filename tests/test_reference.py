@@ -240,9 +240,9 @@ def test_fedlps_reference_bandit_credits_as_the_code():
     r2, j2 = b.observe(0.0625, acc=0.6, seconds=1.0)  # a worse accuracy, against the best earlier 0.8
     assert j2 == 5 and b.rewards[4] == [0.9, [0.0, pytest.approx(utility(0.6) - utility(0.8))]]
     assert b.best_acc == 0.8
-    import json
+    from harness.state import dumps, loads
 
-    resumed = ReferencePUCBV.from_dict(json.loads(json.dumps(b.to_dict())))
+    resumed = ReferencePUCBV.from_dict(loads(dumps(b.to_dict())))
     assert resumed.to_dict() == b.to_dict()
     assert [resumed.decide().ratio for _ in range(3)] == [b.decide().ratio for _ in range(3)]
 

@@ -1,6 +1,7 @@
 """Results are never lost, mixed or silently overwritten: storage, file modes, reruns, safe state."""
 import io
 import os
+import pickle
 import signal
 import sqlite3
 import stat
@@ -230,6 +231,12 @@ def test_state_is_plain_data_and_anything_else_is_refused(tmp_path):
     with pytest.raises(ValueError, match="checkpoint: refused"):
         loads(buf.getvalue(), "checkpoint")
     assert not marker.exists()  # the pickle's code never ran
+    # Python's own types alone (a bandit's state) are a plain pickle, read by an unpickler without globals
+    plain = {"arms": [{"low": 0.2, "rewards": [1.5, -0.25]}], "rng": [3, b"\x01\x02", None], "n": 7}
+    assert loads(dumps(plain)) == plain and dumps(plain)[:2] != b"PK"
+    with pytest.raises(ValueError, match="client 3: refused"):
+        loads(pickle.dumps({"x": Hostile(str(marker))}), "client 3")
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("method", ["fedavg", "heterofl", "prunefl", "fedlps"])

@@ -1,0 +1,40 @@
+"""`fedbench bench` end to end on tiny workloads: the JSON fields README and `make scale` read, and the
+plain PyTorch loop training exactly what fedbench trains."""
+import json
+
+from harness.cli import main
+
+
+def bench_json(capsys, *args: str) -> dict:
+    assert main(["bench", *args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_the_mnist_bench_against_its_plain_loop(ray_session, capsys):
+    r = bench_json(capsys, "--clients", "20", "--clients-per-round", "4", "--rounds", "2", "--executors", "1")
+    assert r["plain_same_training"] is True and r["plain_max_abs_diff"] == 0.0
+    for key in ("serial_s_per_round", "batched_s_per_round", "limit_s_per_round", "ray_s_per_round",
+                "plain_s_per_round"):
+        assert r[key] > 0, key
+    assert r["ray_vs_plain"] == round(r["ray_s_per_round"] / r["plain_s_per_round"], 3)
+
+
+def test_the_scale_bench_on_a_million_clients(ray_session, capsys):
+    r = bench_json(capsys, "--workload", "synthetic", "--method", "fedlps", "--clients", "1000000",
+                   "--clients-per-round", "5", "--rounds", "2", "--executors", "1")
+    assert (r["clients"], r["method"], r["rounds"]) == (1_000_000, "fedlps", 2)
+    assert 0 < r["train_s_median"] < r["round_s_median"] and 0 < r["overhead_fraction"] < 1
+    assert r["peak_pss_mb"] > 0 and r["startup_s"] > 0 and 0 <= r["final_acc"] <= 1
+
+
+def test_the_readme_scale_table_is_the_committed_jsons():
+    from pathlib import Path
+
+    from harness.bench import scale_table
+
+    repo = Path(__file__).resolve().parents[1]
+    command = "python -m harness.bench table results/scale"
+    readme = (repo / "README.md").read_text()
+    start = readme.index(f"<!-- table: {command} -->\n") + len(f"<!-- table: {command} -->\n")
+    assert readme[start:readme.index("<!-- /table -->", start)] == scale_table(repo / "results/scale") + "\n", \
+        f"README's scale table differs from `{command}`: rerun it and paste"
