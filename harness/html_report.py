@@ -32,7 +32,7 @@ import pandas as pd
 from harness import leaderboard, storage
 from harness.columns import accuracy_column
 from harness.errors import UserError
-from harness.leaderboard import TESTS, TESTS_TITLES, VIEW_TITLES, VIEWS, _ci, _p, seeds_note
+from harness.leaderboard import TESTS, TESTS_TITLES, _ci, _p, seeds_note
 
 # Columns that runs may record about themselves; the page shows those present.
 RUN_PROVENANCE = ("cpu_model", "torch_cpu_capability", "fedbench_version", "git_commit", "torch_version",
@@ -215,13 +215,6 @@ def _verdict_cell(text) -> str:
     return f'<td class="text {kind}">{e(text)}</td>'
 
 
-def _views(board: pd.DataFrame) -> list[tuple[str, str, str]]:
-    """(tag, suffix, title) of the evaluation views the rows record."""
-    return [(tag, suffix, f"{TESTS_TITLES[tests]}, {VIEW_TITLES[tag]}" if suffix else VIEW_TITLES[tag])
-            for suffix, tests in TESTS for tag, _ in VIEWS
-            if f"last10_acc{tag}_mean{suffix}" in board and board[f"last10_acc{tag}_mean{suffix}"].notna().any()]
-
-
 def _table(caption: str, header: list[tuple[str, bool]], rows: list[str], css: str) -> str:
     """A sortable, filterable table; `header`: (title, is text)."""
     head = "".join(f'<th scope="col"{" class=text" if text else ""}>{e(title)}</th>' for title, text in header)
@@ -230,12 +223,13 @@ def _table(caption: str, header: list[tuple[str, bool]], rows: list[str], css: s
 
 
 def _board_table(board: pd.DataFrame) -> str:
-    views = _views(board)
+    views = leaderboard.shown_views(board)
     has_base = "baseline" in board and board["baseline"].notna().any()
     header = [("#", False), ("method", True), ("seeds", False)]
     header += [(f"last-10 acc %, {title}" if i == 0 else title, False) for i, (_, _, title) in enumerate(views)]
     if has_base:
-        header += [("Δ pts, client models [95% CI]", False), ("verdict", True), ("time Δ % [95% CI]", False),
+        first_tag, first_suffix, first_name = views[0]
+        header += [(f"Δ pts, {first_name} [95% CI]", False), ("verdict", True), ("time Δ % [95% CI]", False),
                    ("time verdict", True)]
     header += [("time to target s", False), ("simulated time s", False), ("TFLOPs", False), ("MB up", False),
                ("MB down", False), ("wall s", False)]
@@ -247,9 +241,9 @@ def _board_table(board: pd.DataFrame) -> str:
         cells += [_interval_cell(r[f"last10_acc{tag}_mean{suffix}"], r[f"last10_acc{tag}_ci95_low{suffix}"],
                                  r[f"last10_acc{tag}_ci95_high{suffix}"]) for tag, suffix, _ in views]
         if has_base:
-            cells += [f'<td data-v="{float(r["delta_mean"])!r}">'
-                      f'{e(_ci(r["delta_mean"], r["delta_ci95_low"], r["delta_ci95_high"]))}</td>',
-                      _verdict_cell(r["verdict"]),
+            delta = [r[f"delta{first_tag}_{stat}{first_suffix}"] for stat in ("mean", "ci95_low", "ci95_high")]
+            cells += [f'<td data-v="{float(delta[0])!r}">{e(_ci(*delta))}</td>',
+                      _verdict_cell(r[f"verdict{first_tag}{first_suffix}"]),
                       f'<td data-v="{float(r["time_delta_pct_mean"])!r}">'
                       f'{e(_ci(r["time_delta_pct_mean"], r["time_delta_pct_ci95_low"], r["time_delta_pct_ci95_high"], 1.0))}'
                       f'</td>', _verdict_cell(r["time_verdict"])]
