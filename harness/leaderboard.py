@@ -490,7 +490,8 @@ def _interval(mean: float, low: float, high: float) -> str:
 def shown_views(board: pd.DataFrame) -> list[tuple[str, str, str]]:
     """(tag, suffix, title) of the evaluation views the board records, the paper's protocol first: the
     first is the one its tables sort by and compare with the baseline."""
-    return [(tag, suffix, f"{TESTS_TITLES[tests]}, {VIEW_TITLES[tag]}") for suffix, tests in PAPER_TESTS_FIRST for tag, _ in VIEWS
+    return [(tag, suffix, f"{TESTS_TITLES[tests]}, {VIEW_TITLES[tag]}")
+            for suffix, tests in PAPER_TESTS_FIRST for tag, _ in VIEWS
             if f"last10_acc{tag}_mean{suffix}" in board and board[f"last10_acc{tag}_mean{suffix}"].notna().any()]
 
 
