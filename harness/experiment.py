@@ -22,7 +22,7 @@ from harness.config import EngineConfig, ExperimentConfig, portable
 from harness.cost import client_time
 from harness.engine import Engine, SerialEngine
 from harness.ray_engine import RayEngine
-from harness.records import LATE, NOT_KEPT, ClientResult, ClientSlot, ClientTask
+from harness.records import ERROR, LATE, NOT_KEPT, ClientResult, ClientSlot, ClientTask
 from harness.registry import declared_columns, method_class
 from harness.results import CLIENTS, ROUNDS, SUMMARY, with_columns, write_table, write_yaml
 from harness.spec import ExperimentSpec, resolve
@@ -146,6 +146,11 @@ class Experiment:
         tasks = [ClientTask(s.client_id, rnd, s.tier, ins, self.store.get(s.client_id))
                  for s, ins in zip(slots, instructions)]
         results = engine.run(broadcast, tasks)
+        for r in results:
+            if r.trained and r.num_samples and not math.isfinite(r.train_loss):
+                # a diverged client: its update (and personal state) would spread NaN or inf
+                r.status, r.error = ERROR, "training diverged: the local loss is not finite"
+                r.payload = r.state = None
         self._count_failures(rnd, results)
         for slot, r in zip(slots, results):
             if r.trained:

@@ -338,6 +338,17 @@ def test_a_run_where_no_client_trained_is_failed(tmp_path, capsys):
     assert summary["status"] == "failed" and "no client trained" in summary["status_note"]
 
 
+def test_a_run_whose_training_diverges_fails_and_says_so(tmp_path, capsys):
+    """A client whose local loss is not finite is a failed client: its update would spread NaN."""
+    out = tmp_path / "out"
+    assert main(["run", tiny(tmp_path), "--out", str(out), "--quiet", "--set", "train.lr=1e30"]) == 1
+    summary = pd.read_parquet(out / "tiny_seed1" / "summary.parquet").iloc[0]
+    assert summary["status"] == "failed" and "training diverged: the local loss is not finite" in summary["status_note"]
+    clients = pd.read_parquet(out / "tiny_seed1" / "clients.parquet")
+    assert (clients["status"] == "error").all() and clients["train_loss"].isna().all()
+    assert "training diverged" in capsys.readouterr().err
+
+
 # -- damaged files ------------------------------------------------------------------------------------------
 
 
