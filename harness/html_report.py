@@ -241,9 +241,8 @@ def _board_table(board: pd.DataFrame) -> str:
         cells += [_interval_cell(r[f"last10_acc{tag}_mean{suffix}"], r[f"last10_acc{tag}_ci95_low{suffix}"],
                                  r[f"last10_acc{tag}_ci95_high{suffix}"]) for tag, suffix, _ in views]
         if has_base:
-            delta = [r[f"delta{first_tag}_{stat}{first_suffix}"] for stat in ("mean", "ci95_low", "ci95_high")]
-            cells += [f'<td data-v="{float(delta[0])!r}">{e(_ci(*delta))}</td>',
-                      _verdict_cell(r[f"verdict{first_tag}{first_suffix}"]),
+            *delta, delta_verdict = leaderboard.delta_in_view(r, first_tag, first_suffix)
+            cells += [f'<td data-v="{float(delta[0])!r}">{e(_ci(*delta))}</td>', _verdict_cell(delta_verdict),
                       f'<td data-v="{float(r["time_delta_pct_mean"])!r}">'
                       f'{e(_ci(r["time_delta_pct_mean"], r["time_delta_pct_ci95_low"], r["time_delta_pct_ci95_high"], 1.0))}'
                       f'</td>', _verdict_cell(r["time_verdict"])]

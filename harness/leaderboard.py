@@ -487,12 +487,22 @@ def _interval(mean: float, low: float, high: float) -> str:
     return f"{100 * mean:.2f} [{100 * low:.2f}, {100 * high:.2f}]"
 
 
+def view_title(tag: str, tests: str) -> str:
+    """"authors' tests, client models": a view's name in the tables."""
+    return f"{TESTS_TITLES[tests]}, {VIEW_TITLES[tag]}"
+
+
 def shown_views(board: pd.DataFrame) -> list[tuple[str, str, str]]:
     """(tag, suffix, title) of the evaluation views the board records, the paper's protocol first: the
     first is the one its tables sort by and compare with the baseline."""
-    return [(tag, suffix, f"{TESTS_TITLES[tests]}, {VIEW_TITLES[tag]}")
-            for suffix, tests in PAPER_TESTS_FIRST for tag, _ in VIEWS
+    return [(tag, suffix, view_title(tag, tests)) for suffix, tests in PAPER_TESTS_FIRST for tag, _ in VIEWS
             if f"last10_acc{tag}_mean{suffix}" in board and board[f"last10_acc{tag}_mean{suffix}"].notna().any()]
+
+
+def delta_in_view(row, tag: str, suffix: str) -> tuple[float, float, float, str]:
+    """A board row's paired difference against the baseline in one view: mean, 95 % interval, verdict."""
+    return (*(row[f"delta{tag}_{stat}{suffix}"] for stat in ("mean", "ci95_low", "ci95_high")),
+            row[f"verdict{tag}{suffix}"])
 
 
 def markdown(board: pd.DataFrame, table: pd.DataFrame | None = None) -> str:
@@ -517,9 +527,8 @@ def markdown(board: pd.DataFrame, table: pd.DataFrame | None = None) -> str:
                 _interval(r[f"last10_acc{tag}_mean{suffix}"], r[f"last10_acc{tag}_ci95_low{suffix}"],
                           r[f"last10_acc{tag}_ci95_high{suffix}"]) for tag, suffix, _ in views]
             if has_base:
-                delta = [r[f"delta{first_tag}_{stat}{first_suffix}"] for stat in ("mean", "ci95_low", "ci95_high")]
-                row += ["baseline" if r["verdict"] == "baseline" else
-                        f"{_ci(*delta)} {r[f'verdict{first_tag}{first_suffix}']}",
+                *delta, delta_verdict = delta_in_view(r, first_tag, first_suffix)
+                row += ["baseline" if r["verdict"] == "baseline" else f"{_ci(*delta)} {delta_verdict}",
                         "baseline" if r["verdict"] == "baseline" else
                         f"{_ci(r['time_delta_pct_mean'], r['time_delta_pct_ci95_low'], r['time_delta_pct_ci95_high'], 1.0)}"
                         f" {r['time_verdict']}"]
@@ -537,8 +546,8 @@ def markdown(board: pd.DataFrame, table: pd.DataFrame | None = None) -> str:
         for (setting, method), t in table.groupby(["setting", "method"], sort=False):
             cols = [(view, tests) for _, tests in PAPER_TESTS_FIRST for view in ("clients", "global")
                     if ((t["view"] == view) & (t["test_sets"] == tests)).any()]
-            header = ["vs"] + [f"{VIEW_TITLES['' if v == 'clients' else '_global']}, {TESTS_TITLES[s]}"
-                               for v, s in cols] + ["time reduction %"]
+            header = (["vs"] + [view_title("" if v == "clients" else "_global", s) for v, s in cols]
+                      + ["time reduction %"])
             rows = []
             for other, o in t.groupby("other", sort=False):
                 cells = {(r.view, r.test_sets): r for r in o.itertuples(index=False)}
