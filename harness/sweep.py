@@ -358,7 +358,7 @@ def _run_sweep(experiments, sweep, out, name, resume, progress) -> storage.Locat
         lambda config: tune.PlacementGroupFactory(bundles[config["experiment"]]))
     storage_path, storage_fs = storage.tune_storage(home)
     done_before = {n: configs[n].rounds for n in trials if n not in todo}
-    callbacks = [SweepProgress(name, {n: configs[n].rounds for n in todo}, done_before)] if progress else []
+    callbacks = [SweepProgress(name, {n: configs[n].rounds for n in todo}, done_before, out)] if progress else []
     tuner = tune.Tuner(
         trainable,
         param_space={"experiment": tune.grid_search(todo)},
@@ -394,8 +394,9 @@ def _duration(seconds: float) -> str:
 
 
 class _Progress:
-    """The state of a sweep as one line: trials done, running, pending and failed; rounds done of
-    all rounds; the best accuracy so far; elapsed time and an estimate of the rest."""
+    """The state of a sweep as one line: trials done, running, pending and failed (a trial that raised
+    or an experiment that ended `failed`); rounds done of all rounds; the best accuracy so far; elapsed
+    time and an estimate of the rest."""
 
     def __init__(self, name: str, rounds: dict[str, int], done_before: dict[str, int], stream=None,
                  interval: float | None = None):
@@ -408,6 +409,7 @@ class _Progress:
         self.reached: dict[str, int] = {}  # rounds done per trial
         self.best: tuple[float, str] | None = None
         self.failures = 0
+        self.ended_failed: set[str] = set()  # experiments whose run ended `failed` (summary.status)
 
     @property
     def stream(self):
@@ -439,7 +441,7 @@ class _Progress:
         eta = f", ~{_duration(elapsed / progressed * left)} left" if progressed and left else ""
         best = f" | best acc {self.best[0]:.3f} ({self.best[1]})" if self.best else ""
         return (f"sweep {self.name}: {counts['TERMINATED'] + len(self.done_before)}/{len(self.rounds) + len(self.done_before)} "
-                f"done, {counts['RUNNING']} running, {pending} pending, {counts['ERROR']} failed"
+                f"done, {counts['RUNNING']} running, {pending} pending, {counts['ERROR'] + len(self.ended_failed)} failed"
                 f"{f' ({self.failures} retried)' if self.failures else ''} | rounds {done}/{total}{best} | "
                 f"{_duration(elapsed)} elapsed{eta}")
 
@@ -470,8 +472,9 @@ class SweepProgress(_Callback):
     """Tune callback on the sweep's driver printing `_Progress` every few seconds (refreshed in place
     on a terminal, one line at a time in job logs)."""
 
-    def __init__(self, name: str, rounds: dict[str, int], done_before: dict[str, int]):
+    def __init__(self, name: str, rounds: dict[str, int], done_before: dict[str, int], out: storage.Location):
         self.progress = _Progress(name, rounds, done_before)
+        self.out = out
         self.node: dict[str, str] = {}  # where each trial reported from last
 
     def on_step_end(self, iteration, trials, **info):
@@ -484,6 +487,12 @@ class SweepProgress(_Callback):
                       f"{result.get('node_ip', '?')}")
         self.progress.result(name, result)
         self.node[name] = result.get("node_ip", "?")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        name = trial.config["experiment"]
+        if why := _failed(self.out / name):
+            self.progress.ended_failed.add(name)
+            self._say(f"{name} ended failed: {why}")
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         name = trial.config["experiment"]

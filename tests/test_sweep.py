@@ -201,3 +201,6 @@ def test_the_progress_line_counts_trials_and_rounds_and_estimates_the_rest(monke
     progress.show({"a": "TERMINATED", "b": "RUNNING", "c": "ERROR"})
     lines = out.getvalue().splitlines()
     assert len(lines) == 2 and lines[1].startswith("sweep qs: 2/4 done, 1 running, 0 pending, 1 failed")
+    progress.ended_failed.add("a")  # its trial finished, its run ended `failed`: a failure too
+    assert progress.line({"a": "TERMINATED", "b": "RUNNING", "c": "ERROR"}).startswith(
+        "sweep qs: 2/4 done, 1 running, 0 pending, 2 failed")
