@@ -474,6 +474,7 @@ class SweepProgress(_Callback):
 
     def __init__(self, name: str, rounds: dict[str, int], done_before: dict[str, int], out: storage.Location):
         self.progress = _Progress(name, rounds, done_before)
+        self.progress.ended_failed = {n for n in done_before if _failed(out / n)}  # from an earlier run
         self.out = out
         self.node: dict[str, str] = {}  # where each trial reported from last
 

@@ -204,3 +204,16 @@ def test_the_progress_line_counts_trials_and_rounds_and_estimates_the_rest(monke
     progress.ended_failed.add("a")  # its trial finished, its run ended `failed`: a failure too
     assert progress.line({"a": "TERMINATED", "b": "RUNNING", "c": "ERROR"}).startswith(
         "sweep qs: 2/4 done, 1 running, 0 pending, 2 failed")
+
+
+def test_the_progress_line_counts_experiments_that_ended_failed_in_an_earlier_run(tmp_path):
+    from harness import storage
+    from harness.sweep import SweepProgress
+
+    for name, status in (("old_ok", "completed"), ("old_failed", "failed")):
+        write_table(tmp_path / name / "summary.parquet", [dict(
+            experiment=name, setting="s", dataset="d", model="m", method="a", method_label="a", seed=1, rounds=3,
+            status=status, final_acc=0.5, best_acc=0.5, sim_total_s=1.0, flops_total=1.0, bytes_up_total=1,
+            bytes_down_total=1, wall_total_s=1.0)], SUMMARY)
+    callback = SweepProgress("qs", {"new": 3}, {"old_ok": 3, "old_failed": 3}, storage.resolve(tmp_path))
+    assert callback.progress.line({"new": "PENDING"}).startswith("sweep qs: 2/3 done, 0 running, 1 pending, 1 failed")
