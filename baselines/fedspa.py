@@ -74,10 +74,10 @@ from harness.cost import training_flops
 from harness.errors import ConfigError
 from harness.records import ClientResult, ClientTask
 from harness.seeding import torch_generator
-from harness.sparsity import (Masks, accuracy_on_train_indices, apply_masks, density, evaluate_personal,
+from harness.sparsity import (Masks, apply_masks, density, evaluate_personal,
                               keep_counts, location_bytes, mask_densities, masked_bytes, masked_forward_flops, mean_update,
                               model_holding, nonzero_bytes, nonzero_densities, prunable_weights, random_masks,
-                              reference_noise, top_magnitude)
+                              reference_noise, top_magnitude, validation_accuracy)
 from harness.strategy import Client, MethodParams, Strategy
 from harness.training import LocalJob
 
@@ -146,8 +146,7 @@ class FedSpaClient(_FedSpaRules, Client):
         if self.reference:
             # Reference quirk (Client_FedSpa.train): prune once the received model's validation
             # accuracy exceeds prune_start_acc; repeated every round, it keeps the mask it finds.
-            acc = accuracy_on_train_indices(bench, model_holding(bench, bench.spec(), start),
-                                            bench.clients[task.client_id].val)
+            acc = validation_accuracy(bench, model_holding(bench, bench.spec(), start), task.client_id)
             if acc > self.params.prune_start_acc:
                 masks = {n: top_magnitude(start[n], self.counts[n]) for n in self.masked}
                 start = apply_masks(start, masks)

@@ -71,9 +71,9 @@ from pydantic import Field
 from harness.cost import training_flops
 from harness.errors import ConfigError
 from harness.records import ClientResult, ClientTask
-from harness.sparsity import (Masks, accuracy_on_train_indices, apply_masks, evaluate_personal, mean_update,
-                              masked_forward_flops, model_holding, nonzero_bytes, nonzero_densities,
-                              prunable_weights, reference_noise)
+from harness.sparsity import (Masks, apply_masks, evaluate_personal, masked_forward_flops, mean_update,
+                              model_holding, nonzero_bytes, nonzero_densities, prunable_weights, reference_noise,
+                              validation_accuracy)
 from harness.strategy import Client, MethodParams, Strategy
 from harness.submodel import Contribution, IndexSets, aggregate, extract, state_bytes, widths_of
 from harness.training import LocalJob, LocalRule
@@ -151,7 +151,7 @@ class HermesClient(_HermesRules, Client):
             g: torch.arange(n) for g, n in bench.full_widths.items()}
         sub = extract(global_state, bench.layout, kept)
         spec = bench.spec(widths_of(bench.full_widths, kept))
-        acc = accuracy_on_train_indices(bench, model_holding(bench, spec, sub), bench.clients[task.client_id].val)
+        acc = validation_accuracy(bench, model_holding(bench, spec, sub), task.client_id)
         if acc > p.prune_start_acc and self._params_of(sub) > p.prune_end_rate * self.dense_params:
             kept = prune_units(self._unit_l2_norms(sub), kept, p.prune_percent)
             sub = extract(global_state, bench.layout, kept)
@@ -179,8 +179,7 @@ class HermesClient(_HermesRules, Client):
         rate = task.state["rate"] if task.state is not None else 1.0
         masks = row_masks_to_weights(rows, self.shapes) if rows is not None else None
         start = apply_masks(global_state, masks) if masks is not None else dict(global_state)
-        acc = accuracy_on_train_indices(bench, model_holding(bench, bench.spec(), start),
-                                        bench.clients[task.client_id].val)
+        acc = validation_accuracy(bench, model_holding(bench, bench.spec(), start), task.client_id)
         if acc > p.prune_start_acc and rate > p.prune_end_rate:
             # Reference quirk (Client.prune_by_percentile): rows below the percentile of L1 norms go.
             rows = percentile_row_masks({n: start[n] for n in self.masked}, p.prune_percent)

@@ -241,7 +241,7 @@ class Partition:
     client c's ClientData (views, no copies) when asked.
 
     The interface every client population offers (also harness.synthetic.SyntheticClients): len(),
-    clients[c], num_samples(c), classes(c), train_data(c), test_data(kind, c), eval_ids (the clients
+    clients[c], num_samples(c), classes(c), train_data(c), val_data(c), test_data(kind, c), eval_ids (the clients
     every evaluation reports: here all of them), eval_set(), training_batches(), mean_num_samples()."""
 
     def __init__(self, train: Ragged, val: Ragged, tests: dict[str, Ragged], classes: Ragged,
@@ -278,6 +278,11 @@ class Partition:
         """Client c's training images (normalised on `device`, float) and labels."""
         idx = torch.from_numpy(self.train[c])
         return self.dataset.normalize(self.dataset.x_train[idx].to(device)), self.dataset.y_train[idx].to(device)
+
+    def val_data(self, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Client c's validation images (raw) and labels."""
+        idx = torch.from_numpy(self.val[c])
+        return self.dataset.x_train[idx], self.dataset.y_train[idx]
 
     def test_data(self, kind: str, c: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Client c's test images of construction `kind`, raw (normalise with eval_set's function)."""

@@ -171,13 +171,12 @@ def reference_noise(state: State, std: float, seed: int, purpose: str, rnd: int)
 
 
 # -- evaluation ----------------------------------------------------------------------------------------
-def accuracy_on_train_indices(bench, model: torch.nn.Module, idx: np.ndarray) -> float:
-    """`model`'s accuracy on training-set images `idx` (a client's validation images)."""
-    if not len(idx):
+def validation_accuracy(bench, model: torch.nn.Module, client: int) -> float:
+    """`model`'s accuracy on the client's validation samples (NaN: it has none)."""
+    x, y = bench.clients.val_data(client)
+    if not len(y):
         return math.nan
-    i = torch.from_numpy(np.asarray(idx))
-    correct = correct_per_sample(model, bench.dataset.x_train[i], bench.dataset.y_train[i], bench.dataset.normalize)
-    return float(correct.float().mean())
+    return float(correct_per_sample(model, x, y, bench.dataset.normalize).float().mean())
 
 
 def model_holding(bench, spec: ModelSpec, state: State) -> torch.nn.Module:

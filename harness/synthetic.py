@@ -8,7 +8,9 @@ N(m, s) takes s as the standard deviation):
   Sigma_jj = j^-1.2;
 - labels: y = argmax(softmax(W_k^T x + b_k));
 - samples: n_k = floor(lognormal(4, 2)) + 50 (the generator's power law), the first 90 % for
-  training and the rest for testing (the generator's 9:1 split; no validation samples).
+  training and the rest for testing (the generator's 9:1 split). As on every data set, the last
+  `data.split.val_fraction` of the training samples are the client's validation samples, never
+  trained on (the methods that prune by validation accuracy read them).
 `iid` (FedProx's Synthetic IID): one W, b ~ N(0, 1) for all clients and v_k = 0.
 
 Everything of client k is drawn from its own stream, rng(seed, "synthetic", k), in a fixed order
@@ -96,6 +98,8 @@ class SyntheticClient:
 
     x_train: torch.Tensor
     y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
 
@@ -116,8 +120,8 @@ class SyntheticClients:
     """A population of `total` Synthetic clients: nothing is held per client; a client's data is
     generated from (seed, client) each time it is needed. The interface of harness.data.Partition."""
 
-    def __init__(self, data: SyntheticData, total: int, eval_clients: int):
-        self.data, self.total = data, total
+    def __init__(self, data: SyntheticData, total: int, eval_clients: int, val_fraction: float = 0.1):
+        self.data, self.total, self.val_fraction = data, total, val_fraction
         self._eval_set: EvalSet | None = None
         if total <= eval_clients:
             self.eval_ids = np.arange(total)
@@ -134,12 +138,18 @@ class SyntheticClients:
 
     def __getitem__(self, c: int) -> SyntheticClient:
         x, y = self.data.client(self._check(c))
-        n = _train_count(len(y))
+        train, fit = self._train_val_counts(len(y))
         t = torch.from_numpy
-        return SyntheticClient(t(x[:n]), t(y[:n]), t(x[n:]), t(y[n:]))
+        return SyntheticClient(t(x[:train]), t(y[:train]), t(x[train:fit]), t(y[train:fit]), t(x[fit:]), t(y[fit:]))
+
+    def _train_val_counts(self, n: int) -> tuple[int, int]:
+        """Of n samples: how many train, and where the validation samples end (the test samples start)."""
+        fit = int(TRAIN_FRACTION * n)
+        val = min(int(round(self.val_fraction * fit)), fit - 1)  # data.py's cut of a client's training images
+        return fit - val, fit
 
     def num_samples(self, c: int) -> int:
-        return _train_count(self.data.num_samples(self._check(c)))
+        return self._train_val_counts(self.data.num_samples(self._check(c)))[0]
 
     def mean_num_samples(self) -> float:
         """Over the evaluation cohort (the population's is not computed)."""
@@ -151,6 +161,10 @@ class SyntheticClients:
     def train_data(self, c: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         client = self[c]
         return client.x_train.to(device), client.y_train.to(device)
+
+    def val_data(self, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+        client = self[c]
+        return client.x_val, client.y_val
 
     def test_data(self, kind: str, c: int) -> tuple[torch.Tensor, torch.Tensor]:
         client = self[c]
@@ -178,7 +192,3 @@ class SyntheticClients:
             x = self[int(c)].x_train
             for start in range(0, len(x), batch_size):
                 yield x[start:start + batch_size]
-
-
-def _train_count(n: int) -> int:
-    return int(TRAIN_FRACTION * n)

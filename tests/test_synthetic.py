@@ -82,8 +82,13 @@ def test_a_population_of_synthetic_clients():
     assert len(clients) == 10**7 and len(clients.eval_ids) == 20 and clients.eval_ids.max() < 10**7
     c = 9_999_999
     x, y = clients.train_data(c)
+    xv, yv = clients.val_data(c)
     xt, yt = clients.test_data("mirrored", c)
-    assert len(y) == clients.num_samples(c) == clients[c].num_samples == int(0.9 * (len(y) + len(yt)))
+    n = len(y) + len(yv) + len(yt)
+    assert len(y) + len(yv) == int(0.9 * n) and len(yv) == round(0.1 * int(0.9 * n)) > 0  # split.val_fraction 0.1
+    assert len(y) == clients.num_samples(c) == clients[c].num_samples
+    all_x, _ = clients.data.client(c)
+    assert torch.equal(torch.cat([x, xv, xt]), torch.from_numpy(all_x))  # train, validation, test: disjoint
     assert torch.equal(clients.classes(c) if isinstance(clients.classes(c), torch.Tensor) else
                        torch.as_tensor(clients.classes(c)), torch.unique(y))
     ev = clients.eval_set()
