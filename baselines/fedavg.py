@@ -1,7 +1,9 @@
 """FedAvg (McMahan et al., AISTATS 2017), the reference method.
 
 Every sampled client trains the dense global model (device caps are ignored, as in the FedLPS
-authors' code); the server takes the sample-weighted mean of the client models.
+authors' code); the server takes the sample-weighted mean of the client models (`weighting:
+uniform`: the plain mean, an ablation; the subclasses FedProx, Ditto and Per-FedAvg aggregate
+through this one and take it too).
 
 Variants (`variant`):
 - `official` (the default): the above.
@@ -41,6 +43,8 @@ class FedAvgParams(MethodParams):
     variant: Literal["official", "reference"] = "official"
     reference_noise: float = Field(AUTHORS_NOISE, ge=0,
                                    description="reference variant: std of the Gaussian noise added to the aggregate")
+    weighting: Literal["samples", "uniform"] = Field(
+        "samples", description="the server's weight of a client model: its sample count, or 1 (the plain mean)")
 
 
 class FedAvgClient(Client):
@@ -70,9 +74,10 @@ class FedAvg(Strategy):
 
     def aggregate(self, rnd, kept, dropped):
         """Dropped clients' updates are lost; they change nothing."""
-        contributions = [Contribution(r.payload, weight=r.num_samples) for r in kept]
-        self.global_state = aggregate(self.global_state, self.bench.layout, contributions)
         p = self.params
+        uniform = getattr(p, "weighting", "samples") == "uniform"  # FedProx's parameters have no weighting
+        contributions = [Contribution(r.payload, weight=1.0 if uniform else r.num_samples) for r in kept]
+        self.global_state = aggregate(self.global_state, self.bench.layout, contributions)
         # (FedProx, a subclass, has no variant)
         if getattr(p, "variant", "official") == "reference" and kept and p.reference_noise > 0:
             # Reference quirk (agg/avg.py `average_weights`): noise on the aggregate. A round whose

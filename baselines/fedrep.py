@@ -7,7 +7,8 @@ Every sampled client, in one round:
 1. head epochs: local SGD on its head with the received body frozen (`head_epochs`, default 10);
 2. body epochs: local SGD on the body with its new head frozen (`body_epochs`, default 1);
 3. it uploads the body only; its head is its personal state (client store, checkpointed).
-The server takes the sample-weighted mean of the bodies (the official code weights by samples).
+The server takes the sample-weighted mean of the bodies (the official code weights by samples;
+`weighting: uniform`: the plain mean).
 The head is the model's last linear layer (the paper's; the official CNNs' last fc layer).
 A client's first head is the server's head: the initial model's (heads never travel, so the server
 holds no trained head; the official code instead averages heads too and a never-selected client
@@ -145,7 +146,8 @@ class FedRep(Strategy):
         """The mean of the kept bodies (official: sample-weighted; reference: unweighted plus noise);
         dropped updates are lost."""
         reference = self.params.variant == "reference"
-        contributions = [Contribution(r.payload, weight=1.0 if reference else r.num_samples) for r in kept]
+        uniform = reference or self.params.weighting == "uniform"
+        contributions = [Contribution(r.payload, weight=1.0 if uniform else r.num_samples) for r in kept]
         new_state = aggregate(self.global_state, self.bench.layout, contributions)
         if reference and kept:
             # Reference quirk (agg/avg.py, avg): noise on the aggregated body.

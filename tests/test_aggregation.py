@@ -59,3 +59,19 @@ def test_coordinate_masks_restrict_a_contribution():
                                      Contribution(s2, full, weight=3, coordinate_weights={"h.bias": torch.zeros(5)})])
     assert new["h.bias"].tolist() == [1.0, 9.0, 1.0, 9.0, 9.0]
     assert torch.allclose(new["h.weight"], torch.full((5, 2), 2.5))
+
+
+def test_fedavg_weighting_uniform_is_the_plain_mean():
+    from types import SimpleNamespace
+
+    from baselines.fedavg import FedAvg, FedAvgParams
+
+    states = [{k: torch.full_like(v, x) for k, v in GLOBAL.items()} for x in (1.0, 2.0, 4.0)]
+    kept = [SimpleNamespace(payload=s, num_samples=n) for s, n in zip(states, (10, 20, 30))]
+    for weighting, expected in (("samples", 170 / 60), ("uniform", 7 / 3)):  # (1 + 2 + 4) / 3
+        fedavg = FedAvg.__new__(FedAvg)
+        fedavg.params, fedavg.global_state = FedAvgParams(weighting=weighting), GLOBAL
+        fedavg.bench = SimpleNamespace(layout=LAYOUT)
+        fedavg.aggregate(0, kept, [])
+        for v in fedavg.global_state.values():
+            assert torch.allclose(v, torch.full_like(v, expected))
