@@ -2,8 +2,8 @@
 
 Every sampled client trains the dense global model (device caps are ignored, as in the FedLPS
 authors' code); the server takes the sample-weighted mean of the client models (`weighting:
-uniform`: the plain mean, an ablation; the subclasses FedProx, Ditto and Per-FedAvg aggregate
-through this one and take it too).
+uniform`: the plain mean, an ablation; Ditto, Per-FedAvg and FedRep, whose parameters extend these,
+take it too).
 
 Variants (`variant`):
 - `official` (the default): the above.
