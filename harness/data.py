@@ -241,8 +241,9 @@ class Partition:
     client c's ClientData (views, no copies) when asked.
 
     The interface every client population offers (also harness.synthetic.SyntheticClients): len(),
-    clients[c], num_samples(c), classes(c), train_data(c), val_data(c), test_data(kind, c), eval_ids (the clients
-    every evaluation reports: here all of them), eval_set(), training_batches(), mean_num_samples()."""
+    clients[c], num_samples(c), classes(c), train_data(c), val_data(c), test_data(kind, c), eval_ids
+    (the clients every evaluation reports: here all of them), eval_set(), training_batches(),
+    mean_num_samples()."""
 
     def __init__(self, train: Ragged, val: Ragged, tests: dict[str, Ragged], classes: Ragged,
                  dataset: Dataset | None = None):

@@ -19,8 +19,8 @@ def load_data(cfg: DataConfig, seed: int) -> Dataset | SyntheticData:
 def client_population(cfg: ExperimentConfig, dataset: Dataset | SyntheticData) -> Partition | SyntheticClients:
     """The experiment's clients: a Partition of `dataset` (shards, Dirichlet, IID or the file's
     natural clients), or synthetic clients whose data is generated on demand. Both offer len(),
-    clients[c], num_samples(c), classes(c), train_data(c), val_data(c), test_data(kind, c), eval_ids, eval_set(),
-    training_batches() and mean_num_samples()."""
+    clients[c], num_samples(c), classes(c), train_data(c), val_data(c), test_data(kind, c), eval_ids,
+    eval_set(), training_batches() and mean_num_samples()."""
     if isinstance(dataset, SyntheticData):
         return SyntheticClients(dataset, cfg.clients.total, cfg.data.eval_clients, cfg.data.split.val_fraction)
     y_train, y_test = dataset.y_train.numpy(), dataset.y_test.numpy()
