@@ -132,7 +132,7 @@ class Ditto(FedAvg):
 
     def setup(self, store):
         super().setup(store)
-        self.personal = PersonalAccuracies(len(self.bench.clients))
+        self.personal = PersonalAccuracies(self.bench.clients.eval_ids)
         self._fallback = None
 
     def aggregate(self, rnd, kept, dropped):

@@ -158,13 +158,14 @@ class FedRep(Strategy):
         return {}
 
     def evaluate(self, rnd):
-        """Each client with the global body and its own head (see the module's docstring for a
-        client without one); the global view: the global model."""
+        """Each evaluated client (eval_ids) with the global body and its own head (see the module's
+        docstring for a client without one); the global view: the global model."""
         bench, reference = self.bench, self.params.variant == "reference"
         global_view = bench.evaluate_global(self.global_state)
         model = bench.build()
-        clients = {kind: np.full(len(bench.clients), np.nan) for kind in TEST_SETS}
-        for cid in range(len(bench.clients)):
+        eval_ids = bench.clients.eval_ids
+        clients = {kind: np.full(len(eval_ids), np.nan) for kind in TEST_SETS}
+        for k, cid in enumerate(map(int, eval_ids)):
             state = self.store.get(cid)
             if state is not None:
                 own_head = state["head"]
@@ -172,11 +173,11 @@ class FedRep(Strategy):
                 own_head = self._own_initial_head(cid)
             else:
                 for kind in TEST_SETS:
-                    clients[kind][cid] = global_view.clients[kind][cid]
+                    clients[kind][k] = global_view.clients[kind][k]
                 continue
             bench.load(model, {**self.global_state, **own_head})
             for kind, acc in bench.accuracy_on_client(model, cid).items():
-                clients[kind][cid] = acc
+                clients[kind][k] = acc
         return Evaluation(clients=clients, global_clients=global_view.clients, acc_global=global_view.acc_global)
 
     @functools.lru_cache(maxsize=None)

@@ -162,7 +162,7 @@ class PerFedAvg(FedAvg):
 
     def setup(self, store):
         super().setup(store)
-        self.personal = PersonalAccuracies(len(self.bench.clients))
+        self.personal = PersonalAccuracies(self.bench.clients.eval_ids)
         self._own_initial = None
 
     def aggregate(self, rnd, kept, dropped):
@@ -185,13 +185,14 @@ class PerFedAvg(FedAvg):
                           acc_global=global_view.acc_global)
 
     def adapted_accuracies(self, rnd: int) -> dict[str, np.ndarray]:
-        """Each client's accuracy with the global model after one step of size alpha on one of its
-        training minibatches."""
+        """Each evaluated client's accuracy with the global model after one step of size alpha on one
+        of its training minibatches (in eval_ids order)."""
         bench, alpha = self.bench, self.params.alpha
         model = bench.build()
         params = list(model.parameters())
-        out = {kind: np.full(len(bench.clients), np.nan) for kind in TEST_SETS}
-        for cid in range(len(bench.clients)):
+        eval_ids = bench.clients.eval_ids
+        out = {kind: np.full(len(eval_ids), np.nan) for kind in TEST_SETS}
+        for k, cid in enumerate(map(int, eval_ids)):
             bench.load(model, self.global_state)
             x, y = bench.train_data(cid)
             if len(y):
@@ -202,7 +203,7 @@ class PerFedAvg(FedAvg):
                 with torch.no_grad():
                     torch._foreach_add_(params, list(grads), alpha=-alpha)
             for kind, acc in bench.accuracy_on_client(model, cid).items():
-                out[kind][cid] = acc
+                out[kind][k] = acc
         return out
 
     def state_dict(self):

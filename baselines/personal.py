@@ -24,21 +24,24 @@ def personal_metrics(accuracies: dict[str, float]) -> dict[str, float]:
 
 
 class PersonalAccuracies:
-    """The latest accuracy of every client's personal model, per test set, as its clients reported
-    it (a personal model changes only when its client trains, so the accuracy it measured then
-    holds until its next training); `fallback` (per test set, per client) where a client has none."""
+    """The latest accuracy of every evaluated client's personal model (`eval_ids`, the clients every
+    evaluation reports), per test set, as its clients reported it (a personal model changes only when
+    its client trains, so the accuracy it measured then holds until its next training); `fallback`
+    (per test set, in eval_ids order) where a client has none."""
 
-    def __init__(self, num_clients: int):
-        self.acc = {kind: np.full(num_clients, np.nan) for kind in TEST_SETS}
+    def __init__(self, eval_ids: np.ndarray):
+        self.eval_ids = np.asarray(eval_ids)
+        self.acc = {kind: np.full(len(self.eval_ids), np.nan) for kind in TEST_SETS}
 
     def record(self, results: list[ClientResult]) -> None:
         for r in results:
-            if not r.trained:
+            k = int(np.searchsorted(self.eval_ids, r.client_id))  # eval_ids are sorted
+            if not r.trained or k == len(self.eval_ids) or self.eval_ids[k] != r.client_id:
                 continue
             for kind in TEST_SETS:
                 value = r.metrics.get(f"acc_personal{TEST_SET_SUFFIX[kind]}", math.nan)
                 if not math.isnan(value):
-                    self.acc[kind][r.client_id] = value
+                    self.acc[kind][k] = value
 
     def evaluation(self, fallback: dict[str, np.ndarray], global_view: Evaluation) -> Evaluation:
         clients = {kind: np.where(np.isnan(self.acc[kind]), fallback[kind], self.acc[kind]) for kind in TEST_SETS}
@@ -62,13 +65,14 @@ def own_initial_model(bench, client_id: int) -> dict[str, torch.Tensor]:
 
 
 def own_initial_accuracies(bench, state_of=None) -> dict[str, np.ndarray]:
-    """Every client's accuracy with its own initial model (`state_of(client_id, initial)` may replace
-    parts of it, e.g. FedRep's body), per test set."""
-    out = {kind: np.full(len(bench.clients), np.nan) for kind in TEST_SETS}
+    """Every evaluated client's accuracy with its own initial model (`state_of(client_id, initial)`
+    may replace parts of it, e.g. FedRep's body), per test set, in eval_ids order."""
+    eval_ids = bench.clients.eval_ids
+    out = {kind: np.full(len(eval_ids), np.nan) for kind in TEST_SETS}
     model = bench.build()
-    for cid in range(len(bench.clients)):
-        state = own_initial_model(bench, cid)
-        bench.load(model, state if state_of is None else state_of(cid, state))
-        for kind, acc in bench.accuracy_on_client(model, cid).items():
-            out[kind][cid] = acc
+    for k, cid in enumerate(eval_ids):
+        state = own_initial_model(bench, int(cid))
+        bench.load(model, state if state_of is None else state_of(int(cid), state))
+        for kind, acc in bench.accuracy_on_client(model, int(cid)).items():
+            out[kind][k] = acc
     return out

@@ -236,3 +236,26 @@ def test_ten_million_clients_for_three_rounds(config):
     assert all(r["clients_ok"] == 10 for r in experiment.rounds)
     assert len(experiment.bench.clients) == 10**7
     assert peak < 10**7, f"{peak / 1e6:.1f} MB traced: something holds a value per client"
+
+
+@pytest.mark.parametrize("method, variant", [("perfedavg", "official"), ("perfedavg", "reference"),
+                                             ("ditto", "official"), ("ditto", "reference"),
+                                             ("fedrep", "official"), ("fedrep", "reference")])
+def test_personalised_methods_evaluate_the_cohort_not_the_population(config, method, variant):
+    """Per-FedAvg, Ditto and FedRep report each client of the evaluation cohort, in eval_ids order,
+    and never visit the clients outside it that did not train."""
+    from harness.experiment import Experiment
+    from harness.results import load
+
+    experiment = Experiment(config(**{
+        "data.dataset": "synthetic", "data.eval_clients": 20, "clients.total": 10**6, "clients.per_round": 5,
+        "rounds": 2, "model.name": "mlp", "method.name": method, "method.variant": variant, "train.lr": 0.05}))
+    visited = []
+    accuracy_on_client = experiment.bench.accuracy_on_client
+    experiment.bench.accuracy_on_client = lambda model, cid: visited.append(cid) or accuracy_on_client(model, cid)
+    assert experiment.run()["status"] == "completed"
+    evaluation = experiment.strategy.evaluate(2)
+    eval_ids = set(experiment.bench.clients.eval_ids.tolist())
+    assert all(len(a) == 20 and not np.isnan(a).any() for a in evaluation.clients.values())
+    trained = set(load(experiment.cfg.out, "clients")["client_id"])
+    assert set(visited) <= eval_ids | trained
