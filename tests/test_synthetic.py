@@ -238,8 +238,9 @@ def test_ten_million_clients_for_three_rounds(config):
     assert peak < 10**7, f"{peak / 1e6:.1f} MB traced: something holds a value per client"
 
 
-@pytest.mark.parametrize("method, variant", [("perfedavg", "official"), ("perfedavg", "reference"),
-                                             ("ditto", "official"), ("ditto", "reference"),
+# Per-FedAvg's adapted accuracies; the authors' initial models and PersonalAccuracies (the ported
+# Ditto, as the ported Per-FedAvg); FedRep's evaluation (both variants)
+@pytest.mark.parametrize("method, variant", [("perfedavg", "official"), ("ditto", "reference"),
                                              ("fedrep", "official"), ("fedrep", "reference")])
 def test_personalised_methods_evaluate_the_cohort_not_the_population(config, method, variant):
     """Per-FedAvg, Ditto and FedRep report each client of the evaluation cohort, in eval_ids order,
