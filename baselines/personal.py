@@ -70,9 +70,9 @@ def own_initial_accuracies(bench, state_of=None) -> dict[str, np.ndarray]:
     eval_ids = bench.clients.eval_ids
     out = {kind: np.full(len(eval_ids), np.nan) for kind in TEST_SETS}
     model = bench.build()
-    for k, cid in enumerate(eval_ids):
-        state = own_initial_model(bench, int(cid))
-        bench.load(model, state if state_of is None else state_of(int(cid), state))
-        for kind, acc in bench.accuracy_on_client(model, int(cid)).items():
+    for k, cid in enumerate(map(int, eval_ids)):
+        state = own_initial_model(bench, cid)
+        bench.load(model, state if state_of is None else state_of(cid, state))
+        for kind, acc in bench.accuracy_on_client(model, cid).items():
             out[kind][k] = acc
     return out

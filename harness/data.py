@@ -234,6 +234,11 @@ class Ragged:
         return np.diff(self.offsets)
 
 
+def validation_count(n: int, fraction: float) -> int:
+    """How many of a client's n training samples are held out for validation (one is always left to train)."""
+    return min(int(round(fraction * n)), n - 1)
+
+
 class Partition:
     """The clients of a data set held in memory (`Dataset`): per client, indices into its training
     set (train and validation) and into its test set (one set per construction of TEST_SETS), and
@@ -382,7 +387,7 @@ def partition(y_train: np.ndarray, y_test: np.ndarray, split: SplitConfig, num_c
     for cid, idx in enumerate(owned):
         gen = rng(seed, "client-data", cid)
         idx = gen.permutation(idx)
-        n_val = min(int(round(split.val_fraction * len(idx))), len(idx) - 1)
+        n_val = validation_count(len(idx), split.val_fraction)
         classes, counts = np.unique(y_train[idx], return_counts=True)
         test = [gen.choice(test_by_class.get(c, np.empty(0, np.int64)),
                            size=min(n, len(test_by_class.get(c, ()))), replace=False)
@@ -433,7 +438,7 @@ def natural_partition(path: str, y_train: np.ndarray, y_test: np.ndarray, split:
     for cid in range(num_clients):
         gen = rng(seed, "client-data", cid)
         idx = gen.permutation(by_train[train_cuts[0, cid]:train_cuts[1, cid]])
-        n_val = min(int(round(split.val_fraction * len(idx))), len(idx) - 1)
+        n_val = validation_count(len(idx), split.val_fraction)
         train.append(np.sort(idx[n_val:]))
         val.append(np.sort(idx[:n_val]))
         tests.append(np.sort(by_test[test_cuts[0, cid]:test_cuts[1, cid]]))

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from harness.data import TEST_SETS, EvalSet, Ragged
+from harness.data import TEST_SETS, EvalSet, Ragged, validation_count
 from harness.seeding import rng
 
 FEATURES, CLASSES = 60, 10
@@ -145,7 +145,7 @@ class SyntheticClients:
     def _train_val_counts(self, n: int) -> tuple[int, int]:
         """Of n samples: how many train, and where the validation samples end (the test samples start)."""
         fit = int(TRAIN_FRACTION * n)
-        val = min(int(round(self.val_fraction * fit)), fit - 1)  # data.py's cut of a client's training images
+        val = validation_count(fit, self.val_fraction)
         return fit - val, fit
 
     def num_samples(self, c: int) -> int:
