@@ -1,7 +1,9 @@
 """The stacked tensors of a group of clients and the batched step: the jobs' LocalRule run for K
-clients at once (`StackedOps`: its gradients vmapped over the clients)."""
+clients at once (`StackedOps`: its gradients vmapped over the clients; for one client on the CPU,
+plain autograd)."""
 from __future__ import annotations
 
+from functools import partial
 from types import SimpleNamespace
 
 import torch
@@ -16,6 +18,56 @@ from harness.training import LocalJob, LocalRule, TrainStats, clip_coefficient, 
 def _per_client(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """(K,) -> (K, 1, ...), broadcastable against `like`."""
     return t.view(len(t), *([1] * (like.dim() - 1)))
+
+
+def _first(tree):
+    """Client 0's slice of a stacked tensor, or of each tensor of a dict (None stays None)."""
+    if isinstance(tree, dict):
+        return {k: v[0] for k, v in tree.items()}
+    return None if tree is None else tree[0]
+
+
+def _stacked(tree):
+    """The inverse of _first, over tuples too."""
+    if isinstance(tree, dict):
+        return {k: v.unsqueeze(0) for k, v in tree.items()}
+    if isinstance(tree, tuple):
+        return tuple(_stacked(t) for t in tree)
+    return tree.unsqueeze(0)
+
+
+def _one_client(fn):
+    """`fn` of one client's tensors, called on the stacked tensors of a program of one client (a
+    leading dimension of 1): as torch.func.vmap(fn) would be for K = 1."""
+    return lambda *args: _stacked(fn(*(_first(a) for a in args)))
+
+
+def _leaves(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {n: p.detach().requires_grad_() for n, p in params.items()}
+
+
+def _autograd_grad(loss_fn, params, *inputs):
+    """torch.func.grad(loss_fn, has_aux=True)(params, *inputs) by plain autograd."""
+    leaves = _leaves(params)
+    with torch.enable_grad():
+        objective, aux = loss_fn(leaves, *inputs)
+        grads = torch.autograd.grad(objective, list(leaves.values()), materialize_grads=True)
+    return dict(zip(leaves, grads)), aux
+
+
+def _autograd_hvp(objective_fn, params, *inputs_and_vector):
+    """The Hessian of objective_fn at `params` times the vector (the last argument), by double backward."""
+    *inputs, vector = inputs_and_vector
+    leaves = _leaves(params)
+    with torch.enable_grad():
+        grads = torch.autograd.grad(objective_fn(leaves, *inputs), list(leaves.values()), create_graph=True,
+                                    materialize_grads=True)
+        linked = [(n, g) for n, g in zip(leaves, grads) if g.requires_grad]
+        if not linked:
+            return {n: torch.zeros_like(p) for n, p in leaves.items()}
+        products = torch.autograd.grad([g for _, g in linked], list(leaves.values()),
+                                       grad_outputs=[vector[n] for n, _ in linked], materialize_grads=True)
+    return dict(zip(leaves, (p.detach() for p in products)))
 
 
 class StackedOps:
@@ -128,6 +180,12 @@ class StackedClients:
                                                                  anchor)[2])(p)
             return torch.func.jvp(g, (params,), (vector,))[1]
 
+        if K == 1 and device.type == "cpu":
+            # One client needs no vmap, and on the CPU functorch's transforms cost several times the
+            # arithmetic of a small model's step: plain autograd, on client 0's slices.
+            self.grad_fn = _one_client(partial(_autograd_grad, client_loss))
+            self.hvp_fn = _one_client(partial(_autograd_hvp, lambda *args: logits_and_loss(*args)[2]))
+            return
         dims = (0, 0, 0, 0, 0, 0 if self.class_mask is not None else None, 0 if self.unit_masks else None,
                 0 if self.anchor is not None else None)
         self.grad_fn = torch.func.vmap(torch.func.grad(client_loss, has_aux=True), in_dims=dims)
