@@ -62,15 +62,18 @@ from harness.transport import pack, unpack
 from harness.workbench import Workbench
 
 WORKLOADS = ("mnist", "cifar")
+METHOD_TITLES = {"fedavg": "FedAvg", "fedprox": "FedProx (mu 0.01)"}
 SYNTHETIC_CIFAR = dict(train=10000, test=2000, seed=0)
 
 
 def workload(clients: int, clients_per_round: int, executors: int, cpus_per_executor: float,
-             name: str = "mnist", dataset: str | None = None, device: str = "cpu", epochs: int = 1):
-    """mnist: the paper's MNIST CNN on mnist-5k, 2 shards per client, batch 10, FedAvg; with more
-    than 100 clients the shards shrink so that the 4000 training images go round.
+             name: str = "mnist", dataset: str | None = None, device: str = "cpu", epochs: int = 1,
+             method: str = "fedavg"):
+    """mnist: the paper's MNIST CNN on mnist-5k, 2 shards per client, batch 10; with more than 100
+    clients the shards shrink so that the 4000 training images go round.
     cifar: VGG-11 with static BN on `dataset` (CIFAR-10 or the synthetic set), 2 shards of up to 50
-    images per client, batch 20, FedAvg. Local epochs: `epochs` (default 1).
+    images per client, batch 20. Local epochs: `epochs` (default 1). The method: FedAvg, or FedProx
+    (mu 0.01), whose proximal term takes the path of every method with its own local rule.
     On CUDA the Ray executors share one GPU in equal parts."""
     if name == "mnist":
         shard = min(20, 4000 // (2 * clients))
@@ -88,7 +91,7 @@ def workload(clients: int, clients_per_round: int, executors: int, cpus_per_exec
     raw = {"name": "bench", "seed": 1, "rounds": 1000,
            "data": {"dataset": data, "split": {"kind": "shards", "shards_per_client": 2, "shard_size": shard}},
            "clients": {"total": clients, "per_round": clients_per_round}, "model": model,
-           "train": {"epochs": epochs, "batch_size": batch}, "method": {"name": "fedavg"}, "engine": engine}
+           "train": {"epochs": epochs, "batch_size": batch}, "method": {"name": method}, "engine": engine}
     return expand(raw)[0][0]
 
 
@@ -271,7 +274,7 @@ def _init_plain(cfg_json: str, threads: int, device: str = "cpu") -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
                                 foreach=True)
     _worker.update(cfg=cfg, device=device, data=[bench.train_data(c) for c in range(cfg.clients.total)],
-                   model=model, optimizer=optimizer)
+                   model=model, optimizer=optimizer, mu=bench.method_params.mu if cfg.method.name == "fedprox" else None)
 
 
 def _plain_chunk(payload: bytes) -> bytes:
@@ -285,6 +288,7 @@ def _plain_chunk(payload: bytes) -> bytes:
     params = list(model.parameters())
     start = [torch.from_numpy(broadcast[name]).to(_worker["device"]) for name, _ in model.named_parameters()]
     train, results = cfg.train, []
+    mu = _worker["mu"]
     for task in tasks:
         with torch.no_grad():
             for p, s in zip(params, start):
@@ -298,7 +302,10 @@ def _plain_chunk(payload: bytes) -> bytes:
             for begin in range(0, len(y), train.batch_size):
                 batch = order[begin:begin + train.batch_size]
                 optimizer.zero_grad()
-                F.cross_entropy(model(x[batch]), y[batch]).backward()
+                loss = F.cross_entropy(model(x[batch]), y[batch])
+                if mu is not None:  # FedProx: mu/2 ||w - w_global||^2
+                    loss = loss + mu / 2 * sum(((p - s) ** 2).sum() for p, s in zip(params, start))
+                loss.backward()
                 optimizer.step()
         results.append((task.client_id, len(y), [p.detach().to("cpu", copy=True).numpy() for p in params]))
     return pickle.dumps(results, pickle.HIGHEST_PROTOCOL)
@@ -340,7 +347,7 @@ class _SameTraining:
 
 def run_bench(clients_per_round: int = 10, rounds: int = 10, clients: int = 100, executors: int = 2,
               cpus_per_executor: float = 1.0, workload_name: str = "mnist", device: str = "cpu",
-              epochs: int = 1) -> dict:
+              epochs: int = 1, method: str = "fedavg") -> dict:
     import torch
 
     from harness.ray_engine import RayEngine
@@ -348,7 +355,8 @@ def run_bench(clients_per_round: int = 10, rounds: int = 10, clients: int = 100,
     require_device(device)
     with tempfile.TemporaryDirectory(prefix="fedbench-bench-") as folder:
         dataset, dataset_label = (None, "mnist-5k") if workload_name == "mnist" else cifar_dataset(folder)
-        cfg = workload(clients, clients_per_round, executors, cpus_per_executor, workload_name, dataset, device, epochs)
+        cfg = workload(clients, clients_per_round, executors, cpus_per_executor, workload_name, dataset, device, epochs,
+                       method)
         bench = Workbench(cfg, device=device)
         threads = torch_threads(cpus_per_executor)
         serial = SerialEngine(cfg.engine)
@@ -399,7 +407,7 @@ def run_bench(clients_per_round: int = 10, rounds: int = 10, clients: int = 100,
         "ray_vs_serial": round(ray_s / serial_s, 3), "peak_rss_mb": round(memory.peak_rss / 2**20, 1),
         "peak_pss_mb": round(memory.peak_pss / 2**20, 1),
         "batched_s_per_round": round(batched_s, 4), "batched_vs_serial": round(batched_s / serial_s, 3),
-        "workload": workload_name, "device": device, "dataset": dataset_label, "model": bench.model_name,
+        "workload": workload_name, "method": method, "device": device, "dataset": dataset_label, "model": bench.model_name,
         "norm": cfg.model.norm, "epochs": t.epochs, "batch_size": t.batch_size,
         "gpus_per_executor": cfg.engine.gpus_per_executor,
         "cuda_graphs": cuda_graphs_enabled(cfg.engine, device),
@@ -417,7 +425,7 @@ def print_bench(result: dict, as_json: bool) -> None:
     model = {"cnn": "MNIST CNN", "vgg11": f"VGG-11 ({ {'sbn': 'static BN'}.get(r['norm'], r['norm'])})"}.get(
         r["model"], r["model"])
     print(f"workload: {model} on {r['dataset']}, {r['clients']} clients, {r['clients_per_round']} "
-          f"per round, FedAvg, batch {r['batch_size']}, {r['epochs']} epoch(s); device {r['device']}; "
+          f"per round, {METHOD_TITLES[r.get('method', 'fedavg')]}, batch {r['batch_size']}, {r['epochs']} epoch(s); device {r['device']}; "
           f"{r['executors']} executors x {r['cpus_per_executor']:g} CPU"
           + (f" x {r['gpus_per_executor']:g} GPU" if r["gpus_per_executor"] else "")
           + f"; median of {r['rounds_timed']} rounds after a warm-up")
@@ -429,7 +437,8 @@ def print_bench(result: dict, as_json: bool) -> None:
           f"ray/serial {r['ray_vs_serial']:.3f}")
     if r["plain_s_per_round"] is not None:
         print(f"  plain loop      {r['plain_s_per_round']:.4f} s/round   ray/plain {r['ray_vs_plain']:.3f}   "
-              f"same training: {'yes' if r['plain_same_training'] else 'NO'}")
+              "same training: " + ("yes, bitwise" if r["plain_same_training"] else
+                                   f"largest difference of a trained parameter {r['plain_max_abs_diff']:.1e}"))
     print(f"  peak memory of the process tree during the Ray run: {r['peak_rss_mb']:.0f} MB summed RSS, "
           f"{r['peak_pss_mb']:.0f} MB summed PSS (shared pages counted once)")
 

@@ -57,8 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "experiment on Synthetic(0.5, 0.5) clients generated on demand (any --clients), FedProx's "
                         "logistic regression, on the Ray engine, reporting start-up time, peak PSS of the process "
                         "tree and the round's time outside client training")
-    b.add_argument("--method", choices=["fedavg", "fedlps"], default="fedavg",
-                   help="synthetic workload: the method (default fedavg; fedlps: the paper variant)")
+    b.add_argument("--method", choices=["fedavg", "fedprox", "fedlps"], default="fedavg",
+                   help="the method (default fedavg); fedprox (mnist, cifar): FedProx, mu 0.01, whose proximal "
+                        "term takes the path of the methods with their own local rule (the plain loop adds it "
+                        "too); fedlps (synthetic): the paper variant")
     b.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="where to train (default cpu); with cuda the Ray executors share one GPU in equal parts")
     b.add_argument("--epochs", type=int, default=1, help="local epochs per client and round (default 1)")
@@ -235,6 +237,9 @@ def cmd_bench(args) -> int:
         raise UserError("--clients", "the embedded 4000 training images allow at most 2000 clients of 2 images")
     if args.workload == "cifar" and args.clients > SYNTHETIC_CIFAR["train"] // 2:
         raise UserError("--clients", f"the cifar workload allows at most {SYNTHETIC_CIFAR['train'] // 2} clients")
+    offered = ("fedavg", "fedlps") if args.workload == "synthetic" else ("fedavg", "fedprox")
+    if args.method not in offered:
+        raise UserError("--method", f"{args.method} is not offered with --workload {args.workload}")
     if args.workload == "synthetic":
         if args.rounds < 2:
             raise UserError("--rounds", "the synthetic workload times the rounds after round 0: give at least 2")
@@ -246,7 +251,7 @@ def cmd_bench(args) -> int:
         return 0
     require_device(args.device)
     result = run_bench(args.clients_per_round, args.rounds, args.clients, args.executors, args.cpus_per_executor,
-                       args.workload, args.device, args.epochs)
+                       args.workload, args.device, args.epochs, args.method)
     print_bench(result, args.json)
     return 0
 
