@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import math
+import weakref
 from types import SimpleNamespace
 
 import torch
@@ -47,13 +48,21 @@ class SampleWeightedBatchNorm(nn.Module):
         return out
 
 
-def functional_template(model: nn.Module, ctx: SimpleNamespace) -> nn.Module:
+_templates: "weakref.WeakKeyDictionary[nn.Module, tuple[nn.Module, SimpleNamespace]]" = weakref.WeakKeyDictionary()
+
+
+def functional_template(model: nn.Module) -> tuple[nn.Module, SimpleNamespace]:
     """A structure-only (meta) copy of `model` for functional_call, its norms sample-weighted, in
-    training mode (as local training runs)."""
-    template = copy.deepcopy(model).to("meta")
-    for name, module in list(template.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, nn.modules.batchnorm._BatchNorm):
-                full = f"{name}.{child_name}." if name else f"{child_name}."
-                setattr(module, child_name, SampleWeightedBatchNorm(child, full, ctx))
-    return template.train()
+    training mode (as local training runs), and the context its norms read (sample weights) and write
+    (new running statistics). One per model: the copy costs as much as several small training steps,
+    and a process keeps one model per shape."""
+    if model not in _templates:
+        ctx = SimpleNamespace(sample_weight=None, new_buffers={})
+        template = copy.deepcopy(model).to("meta")
+        for name, module in list(template.named_modules()):
+            for child_name, child in list(module.named_children()):
+                if isinstance(child, nn.modules.batchnorm._BatchNorm):
+                    full = f"{name}.{child_name}." if name else f"{child_name}."
+                    setattr(module, child_name, SampleWeightedBatchNorm(child, full, ctx))
+        _templates[model] = (template.train(), ctx)
+    return _templates[model]

@@ -4,7 +4,6 @@ plain autograd)."""
 from __future__ import annotations
 
 from functools import partial
-from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -128,8 +127,7 @@ class StackedClients:
         self.bs, self.weight_decay, self.momentum = train.batch_size, train.weight_decay, train.momentum
         self.clip = first.clip_grad_norm
         self.fresh_buffers = fresh_buffers
-        self.ctx = SimpleNamespace(sample_weight=None, new_buffers={})
-        self.template = functional_template(model, self.ctx)
+        self.template, self.ctx = functional_template(model)
         named = dict(model.named_parameters())
         buffers = dict(model.named_buffers())
         self.names = list(named)
