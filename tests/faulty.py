@@ -90,18 +90,22 @@ class Hostile:
 
 class SlowParams(MethodParams):
     round_s: float = 1.0
+    until: str = ""
 
 
 class SlowFedAvg(FedAvg):
-    """FedAvg whose server takes `round_s` seconds more per round (the same numbers, slower): leaves
-    time to kill a node in the middle of a run."""
+    """FedAvg whose server takes `round_s` seconds more per round (the same numbers, slower) until the
+    file `until` exists (always, when empty): leaves time to kill a node in the middle of a run, and
+    no more."""
 
     Params = SlowParams
 
     def aggregate(self, rnd, kept, dropped):
+        import os
         import time
 
-        time.sleep(self.params.round_s)
+        if not (self.params.until and os.path.exists(self.params.until)):
+            time.sleep(self.params.round_s)
         return super().aggregate(rnd, kept, dropped)
 
 
