@@ -45,15 +45,13 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np
 import torch
 import torch.nn as nn
 from pydantic import Field
 
 from baselines.fedavg import FedAvgParams, with_authors_noise
-from baselines.personal import own_initial_model
+from baselines.personal import cohort_accuracies, own_initial_model
 from harness.cost import training_flops
-from harness.columns import TEST_SETS
 from harness.records import ClientResult, ClientTask, Evaluation
 from harness.seeding import torch_generator
 from harness.strategy import Client, Strategy
@@ -162,22 +160,16 @@ class FedRep(Strategy):
         docstring for a client without one); the global view: the global model."""
         bench, reference = self.bench, self.params.variant == "reference"
         global_view = bench.evaluate_global(self.global_state)
-        model = bench.build()
-        eval_ids = bench.clients.eval_ids
-        clients = {kind: np.full(len(eval_ids), np.nan) for kind in TEST_SETS}
-        for k, cid in enumerate(map(int, eval_ids)):
+
+        def prepare(model, cid):
             state = self.store.get(cid)
-            if state is not None:
-                own_head = state["head"]
-            elif reference:
-                own_head = self._own_initial_head(cid)
-            else:
-                for kind in TEST_SETS:
-                    clients[kind][k] = global_view.clients[kind][k]
-                continue
+            if state is None and not reference:
+                return False
+            own_head = state["head"] if state is not None else self._own_initial_head(cid)
             bench.load(model, {**self.global_state, **own_head})
-            for kind, acc in bench.accuracy_on_client(model, cid).items():
-                clients[kind][k] = acc
+            return True
+
+        clients = cohort_accuracies(bench, prepare, fallback=global_view.clients)
         return Evaluation(clients=clients, global_clients=global_view.clients, acc_global=global_view.acc_global)
 
     @functools.lru_cache(maxsize=None)

@@ -56,9 +56,9 @@ from pydantic import Field
 from torch.utils.flop_counter import FlopCounterMode
 
 from baselines.fedavg import FedAvg, FedAvgClient, FedAvgParams
-from baselines.personal import PERSONAL_COLUMNS, PersonalAccuracies, own_initial_accuracies, personal_metrics
+from baselines.personal import (PERSONAL_COLUMNS, PersonalAccuracies, cohort_accuracies, own_initial_accuracies,
+                                personal_metrics)
 from harness.cost import training_flops
-from harness.columns import TEST_SETS
 from harness.models import build_model
 from harness.records import ClientResult, ClientTask, Evaluation
 from harness.seeding import torch_generator
@@ -188,23 +188,21 @@ class PerFedAvg(FedAvg):
         """Each evaluated client's accuracy with the global model after one step of size alpha on one
         of its training minibatches (in eval_ids order)."""
         bench, alpha = self.bench, self.params.alpha
-        model = bench.build()
-        params = list(model.parameters())
-        eval_ids = bench.clients.eval_ids
-        out = {kind: np.full(len(eval_ids), np.nan) for kind in TEST_SETS}
-        for k, cid in enumerate(map(int, eval_ids)):
+
+        def prepare(model, cid):
             bench.load(model, self.global_state)
             x, y = bench.train_data(cid)
             if len(y):
                 order = torch.randperm(len(y), generator=torch_generator(bench.cfg.seed, "perfedavg-adapt", rnd, cid))
                 batch = order[:bench.cfg.train.batch_size].to(x.device)
                 model.train()
+                params = list(model.parameters())
                 grads = torch.autograd.grad(F.cross_entropy(model(x[batch]), y[batch]), params)
                 with torch.no_grad():
                     torch._foreach_add_(params, list(grads), alpha=-alpha)
-            for kind, acc in bench.accuracy_on_client(model, cid).items():
-                out[kind][k] = acc
-        return out
+            return True
+
+        return cohort_accuracies(bench, prepare)
 
     def state_dict(self):
         return {**super().state_dict(), "personal_acc": self.personal.state_dict()}

@@ -64,15 +64,29 @@ def own_initial_model(bench, client_id: int) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
 
 
-def own_initial_accuracies(bench, state_of=None) -> dict[str, np.ndarray]:
-    """Every evaluated client's accuracy with its own initial model (`state_of(client_id, initial)`
-    may replace parts of it, e.g. FedRep's body), per test set, in eval_ids order."""
+def cohort_accuracies(bench, prepare, fallback: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Per test set, in eval_ids order, each evaluated client's accuracy with the model that
+    `prepare(model, client_id)` puts into one model of the experiment's spec; where it returns False
+    (no model of its own), the client's value in `fallback` (NaN without one)."""
     eval_ids = bench.clients.eval_ids
     out = {kind: np.full(len(eval_ids), np.nan) for kind in TEST_SETS}
     model = bench.build()
     for k, cid in enumerate(map(int, eval_ids)):
+        if prepare(model, cid):
+            for kind, acc in bench.accuracy_on_client(model, cid).items():
+                out[kind][k] = acc
+        elif fallback is not None:
+            for kind in TEST_SETS:
+                out[kind][k] = fallback[kind][k]
+    return out
+
+
+def own_initial_accuracies(bench, state_of=None) -> dict[str, np.ndarray]:
+    """Every evaluated client's accuracy with its own initial model (`state_of(client_id, initial)`
+    may replace parts of it, e.g. FedRep's body), per test set, in eval_ids order."""
+    def prepare(model, cid):
         state = own_initial_model(bench, cid)
         bench.load(model, state if state_of is None else state_of(cid, state))
-        for kind, acc in bench.accuracy_on_client(model, cid).items():
-            out[kind][k] = acc
-    return out
+        return True
+
+    return cohort_accuracies(bench, prepare)
