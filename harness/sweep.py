@@ -401,9 +401,9 @@ def _duration(seconds: float) -> str:
 
 
 class _Progress:
-    """The state of a sweep as one line: trials done, running, pending and failed (a trial that raised
-    or an experiment that ended `failed`); rounds done of all rounds; the best accuracy so far; elapsed
-    time and an estimate of the rest."""
+    """The state of a sweep as one line: trials done, running, stopped by an interrupt, pending and failed
+    (a trial that raised or an experiment that ended `failed`); rounds done of all rounds; the best accuracy
+    so far; elapsed time and an estimate of the rest."""
 
     def __init__(self, name: str, rounds: dict[str, int], done_before: dict[str, int], stream=None,
                  interval: float | None = None):
@@ -437,18 +437,24 @@ class _Progress:
             self.best = (float(acc), experiment)
 
     def line(self, status: dict[str, str]) -> str:
-        counts = {k: sum(1 for s in status.values() if s == k) for k in ("TERMINATED", "RUNNING", "ERROR")}
-        pending = len(self.rounds) - sum(counts.values())
+        # A trial that Tune reports TERMINATED has finished only if it played all its rounds (or its run
+        # ended `failed`); one stopped by an interrupt is TERMINATED too.
+        ended = [n for n, s in status.items() if s == "TERMINATED"]
+        finished = [n for n in ended if self.reached.get(n, 0) >= self.rounds[n] or n in self.ended_failed]
+        counts = {k: sum(1 for s in status.values() if s == k) for k in ("RUNNING", "ERROR")}
+        stopped = len(ended) - len(finished)
+        pending = len(self.rounds) - len(ended) - sum(counts.values())
         total = sum(self.rounds.values()) + sum(self.done_before.values())
         done = sum(self.done_before.values()) + sum(
-            self.rounds[n] if status.get(n) == "TERMINATED" else self.reached.get(n, 0) for n in self.rounds)
+            self.rounds[n] if n in finished else self.reached.get(n, 0) for n in self.rounds)
         elapsed = time.monotonic() - self.start
         progressed = sum(self.reached[n] - self.first[n] for n in self.reached)
         left = total - done
         eta = f", ~{_duration(elapsed / progressed * left)} left" if progressed and left else ""
         best = f" | best acc {self.best[0]:.3f} ({self.best[1]})" if self.best else ""
-        return (f"sweep {self.name}: {counts['TERMINATED'] + len(self.done_before)}/{len(self.rounds) + len(self.done_before)} "
-                f"done, {counts['RUNNING']} running, {pending} pending, {counts['ERROR'] + len(self.ended_failed)} failed"
+        return (f"sweep {self.name}: {len(finished) + len(self.done_before)}/{len(self.rounds) + len(self.done_before)} "
+                f"done, {counts['RUNNING']} running{f', {stopped} stopped' if stopped else ''}, {pending} pending, "
+                f"{counts['ERROR'] + len(self.ended_failed)} failed"
                 f"{f' ({self.failures} retried)' if self.failures else ''} | rounds {done}/{total}{best} | "
                 f"{_duration(elapsed)} elapsed{eta}")
 

@@ -198,9 +198,13 @@ def test_the_progress_line_counts_trials_and_rounds_and_estimates_the_rest(monke
     progress.show(status)
     progress.show(status)  # within the interval: not printed again
     now[0] += 5
+    progress.result("a", {"round": 9, "acc_clients_mean": 0.6, "resumed_from_round": 0})
     progress.show({"a": "TERMINATED", "b": "RUNNING", "c": "ERROR"})
     lines = out.getvalue().splitlines()
     assert len(lines) == 2 and lines[1].startswith("sweep qs: 2/4 done, 1 running, 0 pending, 1 failed")
+    # an interrupt stops b after 6 of its 10 rounds, and Tune calls it TERMINATED too
+    assert progress.line({"a": "TERMINATED", "b": "TERMINATED", "c": "PENDING"}).startswith(
+        "sweep qs: 2/4 done, 0 running, 1 stopped, 1 pending, 0 failed | rounds 26/40")
     progress.ended_failed.add("a")  # its trial finished, its run ended `failed`: a failure too
     assert progress.line({"a": "TERMINATED", "b": "RUNNING", "c": "ERROR"}).startswith(
         "sweep qs: 2/4 done, 1 running, 0 pending, 2 failed")
