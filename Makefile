@@ -26,7 +26,7 @@ bench: $(BIN)/.installed
 
 scale: $(BIN)/.installed   # the scale figures of README (results/scale): 10^3..10^7 clients, FedAvg and FedLPS
 	for n in 1000 10000 100000 1000000 10000000; do for m in fedavg fedlps; do \
-	  $(BIN)/fedbench bench --workload synthetic --clients $$n --clients-per-round 100 --rounds 3 --method $$m --json \
+	  $(BIN)/fedbench bench --workload synthetic --clients $$n --clients-per-round 100 --rounds 10 --method $$m --json \
 	    > results/scale/synthetic_$${n}_$$m.json || exit 1; done; done
 	$(BIN)/python -m harness.bench plot results/scale
 	$(BIN)/python -m harness.bench table results/scale
