@@ -440,7 +440,7 @@ class _Progress:
         # A trial that Tune reports TERMINATED has finished only if it played all its rounds (or its run
         # ended `failed`); one stopped by an interrupt is TERMINATED too.
         ended = [n for n, s in status.items() if s == "TERMINATED"]
-        finished = [n for n in ended if self.reached.get(n, 0) >= self.rounds[n] or n in self.ended_failed]
+        finished = {n for n in ended if self.reached.get(n, 0) >= self.rounds[n] or n in self.ended_failed}
         counts = {k: sum(1 for s in status.values() if s == k) for k in ("RUNNING", "ERROR")}
         stopped = len(ended) - len(finished)
         pending = len(self.rounds) - len(ended) - sum(counts.values())
